@@ -1,0 +1,15 @@
+"""Torch modules of lgconv: the masked training layers and their finalized inference forms."""
+
+from lgconv.layers.condensed_conv import CondensedConv2d
+from lgconv.layers.condensed_linear import CondensedLinear
+from lgconv.layers.learned_group import LearnedGroupMixin
+from lgconv.layers.learned_group_conv import LearnedGroupConv
+from lgconv.layers.learned_group_linear import LearnedGroupLinear
+
+__all__ = [
+    "CondensedConv2d",
+    "CondensedLinear",
+    "LearnedGroupConv",
+    "LearnedGroupLinear",
+    "LearnedGroupMixin",
+]

@@ -1,0 +1,106 @@
+"""CondensedConv2d: the inference form of a LearnedGroupConv (gather, grouped conv, output order)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lgconv.layers.learned_group import Layout, grouped_order
+from lgconv.layers.learned_group_conv import LearnedGroupConv
+
+
+class CondensedConv2d(nn.Module):
+    """``index_select`` of the kept inputs, then ``Conv2d(groups=G)``, then the original channel order.
+
+    The gathered tensor has ``groups * kept_inputs`` channels: an input kept by several groups is
+    gathered once per group. With the interleaved layout the grouped conv emits channels group by
+    group, and ``restore`` puts them back where the masked layer had them.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int] = 1,
+        *,
+        groups: int,
+        kept_inputs: int,
+        layout: Layout = "contiguous",
+        stride: int | tuple[int, int] = 1,
+        padding: Any = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.groups = groups
+        self.kept_inputs = kept_inputs
+        self.layout = layout
+        self.register_buffer("index", torch.arange(groups * kept_inputs, device=device) % in_channels)
+        self.conv = nn.Conv2d(
+            groups * kept_inputs,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        restore = grouped_order(out_channels, groups, layout).argsort().to(device)
+        identity = layout == "contiguous" or groups == 1
+        self.register_buffer("restore", None if identity else restore, persistent=False)
+
+    @classmethod
+    def from_learned(cls, layer: LearnedGroupConv) -> CondensedConv2d:
+        """Build the inference layer computing exactly what ``layer`` computes with its current mask."""
+        index = layer.gather_index()
+        groups = layer.learned_groups
+        kept = index.numel() // groups
+        weight = layer.weight.detach()
+        condensed = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            groups=groups,
+            kept_inputs=kept,
+            layout=layer.layout,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        rows = grouped_order(layer.out_channels, groups, layer.layout).to(weight.device)
+        row_group = torch.arange(layer.out_channels, device=weight.device) // (layer.out_channels // groups)
+        columns = index.view(groups, kept)[row_group]
+        with torch.no_grad():
+            condensed.index.copy_(index)
+            condensed.conv.weight.copy_(weight[rows[:, None], columns])
+            if layer.bias is not None:
+                condensed.conv.bias.copy_(layer.bias.detach()[rows])
+        condensed.conv.weight.requires_grad_(layer.weight.requires_grad)
+        return condensed.train(layer.training)
+
+    def forward(self, input: Tensor) -> Tensor:
+        output = self.conv(input.index_select(1, self.index))
+        if self.restore is not None:
+            output = output.index_select(1, self.restore)
+        return output
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, groups={self.groups}, "
+            f"kept_inputs={self.kept_inputs}, layout={self.layout}"
+        )

@@ -1,0 +1,89 @@
+"""CondensedLinear: the inference form of a LearnedGroupLinear (gather, grouped matmul, order)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lgconv.layers.learned_group import Layout, grouped_order
+from lgconv.layers.learned_group_linear import LearnedGroupLinear
+
+
+class CondensedLinear(nn.Module):
+    """Gather the kept input features, multiply each group by its own block, restore the order.
+
+    ``weight`` is (out, kept_inputs) with rows listed group by group; ``bias`` keeps the original
+    output order. Works on any leading dims, like ``nn.Linear`` (channels-last tokens included).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        groups: int,
+        kept_inputs: int,
+        layout: Layout = "contiguous",
+        bias: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.groups = groups
+        self.kept_inputs = kept_inputs
+        self.layout = layout
+        self.register_buffer("index", torch.arange(groups * kept_inputs, device=device) % in_features)
+        self.weight = nn.Parameter(torch.empty(out_features, kept_inputs, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        restore = grouped_order(out_features, groups, layout).argsort().to(device)
+        identity = layout == "contiguous" or groups == 1
+        self.register_buffer("restore", None if identity else restore, persistent=False)
+
+    @classmethod
+    def from_learned(cls, layer: LearnedGroupLinear) -> CondensedLinear:
+        """Build the inference layer computing exactly what ``layer`` computes with its current mask."""
+        index = layer.gather_index()
+        groups = layer.learned_groups
+        kept = index.numel() // groups
+        weight = layer.weight.detach()
+        condensed = cls(
+            layer.in_features,
+            layer.out_features,
+            groups=groups,
+            kept_inputs=kept,
+            layout=layer.layout,
+            bias=layer.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        rows = grouped_order(layer.out_features, groups, layer.layout).to(weight.device)
+        row_group = torch.arange(layer.out_features, device=weight.device) // (layer.out_features // groups)
+        with torch.no_grad():
+            condensed.index.copy_(index)
+            condensed.weight.copy_(weight[rows[:, None], index.view(groups, kept)[row_group]])
+            if layer.bias is not None:
+                condensed.bias.copy_(layer.bias.detach())
+        condensed.weight.requires_grad_(layer.weight.requires_grad)
+        return condensed.train(layer.training)
+
+    def forward(self, input: Tensor) -> Tensor:
+        gathered = input.index_select(-1, self.index)
+        if self.groups == 1:
+            return F.linear(gathered, self.weight, self.bias)
+        blocks = gathered.unflatten(-1, (self.groups, self.kept_inputs))
+        weight = self.weight.view(self.groups, -1, self.kept_inputs)
+        output = torch.einsum("...gi,goi->...go", blocks, weight).flatten(-2)
+        if self.restore is not None:
+            output = output.index_select(-1, self.restore)
+        return output if self.bias is None else output + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"groups={self.groups}, kept_inputs={self.kept_inputs}, layout={self.layout}"
+        )

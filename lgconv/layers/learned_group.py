@@ -1,0 +1,180 @@
+"""Condensing state shared by the learned group layers: mask, stage, importance and group lasso.
+
+A learned group layer keeps a dense weight of shape ``(out, in, *kernel)`` and a boolean mask of
+shape ``(out, in, 1, ...)``. Output channels are split into ``learned_groups`` groups; all outputs of
+one group share the same kept inputs, so the trained layer becomes a grouped layer after a gather.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Layout = Literal["contiguous", "interleaved"]
+LAYOUTS: tuple[str, ...] = ("contiguous", "interleaved")
+
+_LASSO_EPS = 1e-12
+
+
+def check_group_args(learned_groups: int, condense_factor: int, layout: str) -> None:
+    """Raise ``ValueError`` naming the argument when groups, factor or layout are malformed."""
+    for name, value in (("groups", learned_groups), ("condense_factor", condense_factor)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def check_condensing_args(
+    in_features: int, out_features: int, learned_groups: int, condense_factor: int, layout: str
+) -> None:
+    """Raise ``ValueError`` naming the argument when a layer cannot be condensed as asked."""
+    check_group_args(learned_groups, condense_factor, layout)
+    if out_features % learned_groups:
+        raise ValueError(
+            f"out channels {out_features} are not divisible by groups {learned_groups}; "
+            "choose groups that divide the output channels"
+        )
+    if in_features % condense_factor:
+        raise ValueError(
+            f"in channels {in_features} are not divisible by condense_factor {condense_factor}; "
+            "choose a factor that divides the input channels"
+        )
+
+
+def output_groups(out_features: int, learned_groups: int, layout: str) -> Tensor:
+    """The group of every output channel: ``o // (out / G)`` (contiguous) or ``o % G`` (interleaved)."""
+    channels = torch.arange(out_features)
+    if layout == "contiguous":
+        return channels // (out_features // learned_groups)
+    return channels % learned_groups
+
+
+def grouped_order(out_features: int, learned_groups: int, layout: str) -> Tensor:
+    """Original output channels listed group by group: the output order of the grouped layer."""
+    return output_groups(out_features, learned_groups, layout).argsort(stable=True)
+
+
+class LearnedGroupMixin:
+    """Adds learned-group condensing to a layer that has ``weight`` of shape (out, in, *kernel).
+
+    State lives in buffers so that checkpoints, EMA copies and DDP see it: ``mask`` (bool),
+    ``stage`` (condensing steps done) and ``kept_inputs`` (inputs each group still keeps).
+    """
+
+    weight: Tensor
+    mask: Tensor
+    stage: Tensor
+    kept_inputs: Tensor
+    learned_groups: int
+    condense_factor: int
+    layout: str
+
+    def _init_condensing(self, learned_groups: int, condense_factor: int, layout: str) -> None:
+        out_features, in_features = self.weight.shape[:2]
+        check_condensing_args(in_features, out_features, learned_groups, condense_factor, layout)
+        self.learned_groups = learned_groups
+        self.condense_factor = condense_factor
+        self.layout = layout
+        device = self.weight.device
+        mask_shape = (out_features, in_features) + (1,) * (self.weight.dim() - 2)
+        register = self.register_buffer  # type: ignore[attr-defined]
+        register("mask", torch.ones(mask_shape, dtype=torch.bool, device=device))
+        register("stage", torch.zeros((), dtype=torch.long, device=device))
+        register("kept_inputs", torch.tensor(in_features, dtype=torch.long, device=device))
+
+    @property
+    def max_stage(self) -> int:
+        """Number of condensing steps until every group keeps ``in / condense_factor`` inputs."""
+        return self.condense_factor - 1
+
+    @property
+    def fully_condensed(self) -> bool:
+        return int(self.stage) >= self.max_stage
+
+    @property
+    def density(self) -> float:
+        """Fraction of input-output connections still kept."""
+        return int(self.kept_inputs) / self.weight.shape[1]
+
+    @property
+    def kept_connections(self) -> int:
+        """Kept (output, input) pairs; multiply by the kernel area for weights."""
+        return int(self.kept_inputs) * self.weight.shape[0]
+
+    def masked_weight(self) -> Tensor:
+        return self.weight * self.mask
+
+    def _by_group(self, per_output: Tensor) -> Tensor:
+        """(out, ...) -> (groups, out / groups, ...) following this layer's layout."""
+        groups = self.learned_groups
+        per_group = per_output.shape[0] // groups
+        rest = per_output.shape[1:]
+        if self.layout == "contiguous":
+            return per_output.reshape(groups, per_group, *rest)
+        return per_output.reshape(per_group, groups, *rest).transpose(0, 1)
+
+    def _to_outputs(self, per_group: Tensor) -> Tensor:
+        """(groups, in) -> (out, in): the inverse of ``_by_group`` for a per-group mask."""
+        repeats = self.weight.shape[0] // self.learned_groups
+        if self.layout == "contiguous":
+            return per_group.repeat_interleave(repeats, dim=0)
+        return per_group.repeat(repeats, 1)
+
+    def group_mask(self) -> Tensor:
+        """Kept inputs of every group as a (groups, in) bool tensor."""
+        out_features, in_features = self.weight.shape[:2]
+        return self._by_group(self.mask.reshape(out_features, in_features))[:, 0]
+
+    def importance(self) -> Tensor:
+        """Importance of input j for group g: sum over the group's outputs of |masked W[o, j]|."""
+        out_features, in_features = self.weight.shape[:2]
+        magnitude = self.weight.detach().float().abs() * self.mask
+        per_output = magnitude.reshape(out_features, in_features, -1).sum(-1)
+        return self._by_group(per_output).sum(1)
+
+    @torch.no_grad()
+    def condense(self) -> None:
+        """Drop ``in / condense_factor`` of the still-kept inputs of every group, least important first.
+
+        Ties are broken towards the lower channel index so every process drops the same inputs.
+        """
+        if self.fully_condensed:
+            raise RuntimeError(
+                f"{type(self).__name__} is already fully condensed "
+                f"(stage {int(self.stage)} of {self.max_stage}); nothing left to drop"
+            )
+        keep = self.group_mask()
+        importance = self.importance().masked_fill(~keep, float("inf"))
+        drop = self.weight.shape[1] // self.condense_factor
+        dropped = importance.argsort(dim=1, stable=True)[:, :drop]
+        keep = keep.clone().scatter_(1, dropped, False)
+        self.mask.copy_(self._to_outputs(keep).reshape(self.mask.shape))
+        self.stage.add_(1)
+        self.kept_inputs.sub_(drop)
+
+    def group_lasso(self) -> Tensor:
+        """Sum over groups and kept inputs of the L2 norm of the group's weights on that input."""
+        out_features, in_features = self.weight.shape[:2]
+        squares = self.masked_weight().pow(2).reshape(out_features, in_features, -1).sum(-1)
+        norms = self._by_group(squares).sum(1).clamp_min(_LASSO_EPS).sqrt()
+        return (norms * self.group_mask()).sum()
+
+    def gather_index(self) -> Tensor:
+        """Kept input channels of each group in ascending order, groups concatenated."""
+        keep = self.group_mask()
+        counts = keep.sum(1)
+        if not bool((counts == counts[0]).all()):
+            raise RuntimeError(
+                f"{type(self).__name__} has groups keeping different numbers of inputs "
+                f"({counts.tolist()}); its mask was edited by hand and cannot be finalized"
+            )
+        return keep.nonzero()[:, 1]
+
+    def condensing_repr(self) -> str:
+        return (
+            f"learned_groups={self.learned_groups}, condense_factor={self.condense_factor}, "
+            f"layout={self.layout}, stage={int(self.stage)}/{self.max_stage}"
+        )

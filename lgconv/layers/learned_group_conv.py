@@ -1,0 +1,89 @@
+"""LearnedGroupConv: a dense convolution trained under a learned-group mask (the training form)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lgconv.layers.learned_group import Layout, LearnedGroupMixin
+
+
+class LearnedGroupConv(LearnedGroupMixin, nn.Conv2d):
+    """A ``Conv2d`` whose weight is multiplied by a 0/1 mask that condensing shrinks group by group.
+
+    It is an ``nn.Conv2d`` (``groups`` stays 1, the dense convolution); ``learned_groups`` is the
+    number of groups the outputs are split into. ``forward`` is a pure function of input, weight
+    and mask: pruning only happens through :meth:`condense`, called by the scheduler.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int] = 1,
+        *,
+        learned_groups: int = 4,
+        condense_factor: int | None = None,
+        layout: Layout = "contiguous",
+        stride: int | tuple[int, int] = 1,
+        padding: Any = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=1,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        factor = learned_groups if condense_factor is None else condense_factor
+        self._init_condensing(learned_groups, factor, layout)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        learned_groups: int = 4,
+        condense_factor: int | None = None,
+        layout: Layout = "contiguous",
+    ) -> LearnedGroupConv:
+        """Wrap ``conv`` (sharing its parameters); the result computes the same until condensed."""
+        if conv.groups != 1:
+            raise ValueError(f"cannot learn groups on a grouped convolution (groups={conv.groups})")
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            learned_groups=learned_groups,
+            condense_factor=condense_factor,
+            layout=layout,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+            dtype=conv.weight.dtype,
+        )
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        layer._init_condensing(layer.learned_groups, layer.condense_factor, layout)
+        return layer.train(conv.training)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.weight * self.mask, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.condensing_repr()}"

@@ -8,6 +8,7 @@ the scheduler and the layers' buffers, so two models, EMA copies, DDP and compil
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -97,16 +98,20 @@ class CondensationScheduler:
         return min(self.step_count / self.total_steps, 1.0)
 
     @property
+    def _end(self) -> Fraction:
+        """``condense_end`` as a fraction, so stage boundaries are exact (0.1 * 12 is not 1.2 in floats)."""
+        return Fraction(self.condense_end).limit_denominator(1_000_000)
+
+    @property
     def condensing(self) -> bool:
         """True until the last condensing stage is due; the lasso term is active meanwhile."""
-        return self.progress < self.condense_end
+        return Fraction(self.step_count, self.total_steps) < self._end
 
     def target_stage(self, condense_factor: int) -> int:
-        """Stages due at the current step for a layer with this factor (drops at k / (C-1) of the way)."""
+        """Stages due now for a layer with this factor: stage k once progress >= k / (C-1) * condense_end."""
         drops = condense_factor - 1
-        if drops == 0:
-            return 0
-        due = int(self.step_count * drops // (self.condense_end * self.total_steps))
+        end = self._end
+        due = (self.step_count * drops * end.denominator) // (end.numerator * self.total_steps)
         return min(due, drops)
 
     def step(self) -> None:

@@ -131,7 +131,8 @@ class LearnedGroupMixin:
     def importance(self) -> Tensor:
         """Importance of input j for group g: sum over the group's outputs of |masked W[o, j]|."""
         out_features, in_features = self.weight.shape[:2]
-        magnitude = self.weight.detach().float().abs() * self.mask
+        weight = self.weight.detach()
+        magnitude = weight.to(torch.promote_types(weight.dtype, torch.float32)).abs() * self.mask
         per_output = magnitude.reshape(out_features, in_features, -1).sum(-1)
         return self._by_group(per_output).sum(1)
 
@@ -140,6 +141,7 @@ class LearnedGroupMixin:
         """Drop ``in / condense_factor`` of the still-kept inputs of every group, least important first.
 
         Ties are broken towards the lower channel index so every process drops the same inputs.
+        Inputs already dropped are never candidates, even when the weights hold NaN or inf.
         """
         if self.fully_condensed:
             raise RuntimeError(
@@ -147,9 +149,10 @@ class LearnedGroupMixin:
                 f"(stage {int(self.stage)} of {self.max_stage}); nothing left to drop"
             )
         keep = self.group_mask()
-        importance = self.importance().masked_fill(~keep, float("inf"))
         drop = self.weight.shape[1] // self.condense_factor
-        dropped = importance.argsort(dim=1, stable=True)[:, :drop]
+        by_importance = self.importance().argsort(dim=1, stable=True)
+        kept_first = (~keep).gather(1, by_importance).to(torch.uint8).argsort(dim=1, stable=True)
+        dropped = by_importance.gather(1, kept_first[:, :drop])
         keep = keep.clone().scatter_(1, dropped, False)
         self.mask.copy_(self._to_outputs(keep).reshape(self.mask.shape))
         self.stage.add_(1)

@@ -76,14 +76,15 @@ def _as_patterns(patterns: Patterns, argument: str) -> tuple[str, ...]:
         return ()
     if isinstance(patterns, str):
         return (patterns,)
-    if not all(isinstance(p, str) for p in patterns):
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"{argument} must be a glob string or a list of them, got {patterns!r}")
     return tuple(patterns)
 
 
 def _shape(module: nn.Module) -> str:
-    if isinstance(module, _ConvNd):
-        kernel = "x".join(str(k) for k in module.kernel_size)
+    conv = module.conv if isinstance(module, CondensedConv2d) else module
+    if isinstance(conv, _ConvNd):
+        kernel = "x".join(str(k) for k in conv.kernel_size)
         return f"{module.in_channels}->{module.out_channels} {kernel}"
     return f"{module.in_features}->{module.out_features}"
 

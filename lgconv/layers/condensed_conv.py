@@ -93,6 +93,28 @@ class CondensedConv2d(nn.Module):
         condensed.conv.weight.requires_grad_(layer.weight.requires_grad)
         return condensed.train(layer.training)
 
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-ready) that rebuild this layer's structure; the index is a buffer."""
+        conv = self.conv
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(conv.kernel_size),
+            "groups": self.groups,
+            "kept_inputs": self.kept_inputs,
+            "layout": self.layout,
+            "stride": list(conv.stride),
+            "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
+            "dilation": list(conv.dilation),
+            "bias": conv.bias is not None,
+            "padding_mode": conv.padding_mode,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> CondensedConv2d:
+        """A fresh layer of the structure ``config()`` described (load the state dict into it)."""
+        return cls(**config)
+
     def forward(self, input: Tensor) -> Tensor:
         output = self.conv(input.index_select(1, self.index))
         if self.restore is not None:

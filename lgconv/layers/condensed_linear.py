@@ -71,6 +71,22 @@ class CondensedLinear(nn.Module):
         condensed.weight.requires_grad_(layer.weight.requires_grad)
         return condensed.train(layer.training)
 
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-ready) that rebuild this layer's structure; the index is a buffer."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "groups": self.groups,
+            "kept_inputs": self.kept_inputs,
+            "layout": self.layout,
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> CondensedLinear:
+        """A fresh layer of the structure ``config()`` described (load the state dict into it)."""
+        return cls(**config)
+
     def forward(self, input: Tensor) -> Tensor:
         gathered = input.index_select(-1, self.index)
         if self.groups == 1:

@@ -82,6 +82,27 @@ class LearnedGroupConv(LearnedGroupMixin, nn.Conv2d):
         layer._init_condensing(layer.learned_groups, layer.condense_factor, layout)
         return layer.train(conv.training)
 
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-ready) that rebuild this layer's structure; state is in buffers."""
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "learned_groups": self.learned_groups,
+            "condense_factor": self.condense_factor,
+            "layout": self.layout,
+            "stride": list(self.stride),
+            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+            "dilation": list(self.dilation),
+            "bias": self.bias is not None,
+            "padding_mode": self.padding_mode,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LearnedGroupConv:
+        """A fresh layer of the structure ``config()`` described (load the state dict into it)."""
+        return cls(**config)
+
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.weight * self.mask, self.bias)
 

@@ -58,6 +58,22 @@ class LearnedGroupLinear(LearnedGroupMixin, nn.Linear):
         layer._init_condensing(layer.learned_groups, layer.condense_factor, layout)
         return layer.train(linear.training)
 
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-ready) that rebuild this layer's structure; state is in buffers."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "learned_groups": self.learned_groups,
+            "condense_factor": self.condense_factor,
+            "layout": self.layout,
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LearnedGroupLinear:
+        """A fresh layer of the structure ``config()`` described (load the state dict into it)."""
+        return cls(**config)
+
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.weight * self.mask, self.bias)
 

@@ -2,12 +2,14 @@
 
 from lgconv.condensify import CondensePlan, LayerDecision, condensify, plan
 from lgconv.finalize import finalize
+from lgconv.flops import FlopReport, count_flops
 from lgconv.layers import (
     CondensedConv2d,
     CondensedLinear,
     LearnedGroupConv,
     LearnedGroupLinear,
 )
+from lgconv.model_file import load, save
 from lgconv.scheduler import CondensationScheduler, copy_masks
 
 __version__ = "0.1.0"
@@ -17,11 +19,15 @@ __all__ = [
     "CondensePlan",
     "CondensedConv2d",
     "CondensedLinear",
+    "FlopReport",
     "LayerDecision",
     "LearnedGroupConv",
     "LearnedGroupLinear",
     "condensify",
     "copy_masks",
+    "count_flops",
     "finalize",
+    "load",
     "plan",
+    "save",
 ]

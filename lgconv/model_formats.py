@@ -1,0 +1,202 @@
+"""Open any model file the command line accepts, recognised by its content, not its name.
+
+lgconv files (``lgconv.save``), TorchScript archives, ``torch.export`` programs (``.pt2``), plain
+state dicts (``torch.save`` or safetensors, with an architecture to build), and whole pickled
+modules, which load only when the caller trusts the file, because unpickling runs its code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lgconv import model_file
+from lgconv.model_file import ModelSpec
+
+LGCONV = "lgconv file"
+TORCHSCRIPT = "TorchScript archive"
+EXPORTED = "torch.export program"
+STATE_DICT = "state dict"
+PICKLED_MODULE = "pickled nn.Module"
+
+_STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+
+
+@dataclass
+class OpenedModel:
+    """A model read from a file, with what the file said about itself."""
+
+    module: nn.Module
+    format: str
+    spec: ModelSpec | None = None
+    input_shape: tuple[int, ...] | None = None  # full shape with batch, for programs that fix it
+
+
+def sniff(path: str | os.PathLike[str]) -> str:
+    """The format of ``path`` from its first bytes and, for zip archives, their member names."""
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"{file} does not exist; check the path")
+    if file.is_dir():
+        raise ValueError(f"{file} is a directory, not a model file; give the file inside it")
+    with open(file, "rb") as handle:
+        head = handle.read(16)
+    if not head:
+        raise ValueError(f"{file} is empty; the write that made it failed, save the model again")
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(file):
+            raise ValueError(
+                f"{file} is a corrupt or truncated zip archive (torch.save / TorchScript / .pt2)"
+            )
+        names = zipfile.ZipFile(file).namelist()
+        if any(n.endswith("/archive_format") for n in names):
+            return EXPORTED
+        if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+            return TORCHSCRIPT
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch.save"
+        raise ValueError(f"{file} is a zip archive but not one PyTorch wrote; give a model file")
+    if head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "torch.save"
+    if model_file.safetensors_metadata(file) is not None:
+        return "safetensors"
+    raise ValueError(
+        f"{file} is not a model file lgconv reads; give an lgconv file (lgconv.save), a TorchScript "
+        "archive, a torch.export .pt2, or a state dict with --arch"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _as_state_dict(obj: Any) -> dict[str, Tensor] | None:
+    """A state dict found in ``obj``: itself, or under a checkpoint's usual keys."""
+    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for key in _STATE_DICT_KEYS:
+            found = _as_state_dict(obj.get(key))
+            if found is not None:
+                return found
+    return None
+
+
+def _with_arch(state: dict[str, Tensor], path: Path, arch: str | None, trust_builder: bool) -> nn.Module:
+    if arch is None:
+        raise ValueError(
+            f"{path} is a plain state dict, which does not say its architecture; pass --arch timm:NAME "
+            "or --arch lgconv:PRESET (or save the model with lgconv.save)"
+        )
+    model = model_file.build_arch(arch, _num_classes_kwargs(arch, state), trust_builder=trust_builder)
+    hint = (
+        ""
+        if not any(k.endswith(".mask") for k in state)
+        else " (it has lgconv masks: save it with lgconv.save)"
+    )
+    return model_file.load_weights(model, state, f"{arch}{hint}")
+
+
+def _num_classes_kwargs(arch: str, state: dict[str, Tensor]) -> dict[str, Any]:
+    """For timm models, the class count read off the classifier's bias so the head fits."""
+    if not arch.startswith("timm:"):
+        return {}
+    import timm
+
+    with torch.device("meta"):
+        probe = timm.create_model(arch.split(":", 1)[1], pretrained=False, num_classes=1)
+    head = probe.get_classifier()
+    bias_key = next((k for k, m in probe.named_modules() if m is head), None)
+    bias = state.get(f"{bias_key}.bias") if bias_key else None
+    return {"num_classes": int(bias.shape[0])} if bias is not None and bias.dim() == 1 else {}
+
+
+def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool, trust_builder: bool) -> OpenedModel:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not trust_pickle:
+            raise ValueError(
+                f"{path} is a pickled object (a whole nn.Module?) and unpickling runs code from the file; "
+                "pass --trust-pickle only if you trust its source, or re-save it with lgconv.save"
+            ) from None
+        obj = _unpickle(path)
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"{path} is a corrupt or truncated torch.save file ({_first_line(error)})") from None
+    if isinstance(obj, nn.Module):
+        return OpenedModel(obj, PICKLED_MODULE)
+    state = _as_state_dict(obj)
+    if state is None:
+        raise ValueError(f"{path} holds a {type(obj).__name__} without a state dict; give a model file")
+    return OpenedModel(_with_arch(state, path, arch, trust_builder), STATE_DICT)
+
+
+def _unpickle(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"{path} needs code that is not installed to unpickle ({_first_line(error)}); install it"
+        ) from None
+    except Exception as error:
+        raise ValueError(f"{path} could not be unpickled ({_first_line(error)})") from None
+
+
+def _load_exported(path: Path) -> OpenedModel:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(path)
+    except Exception as error:
+        raise ValueError(f"{path} is a corrupt torch.export program ({_first_line(error)})") from None
+    user_inputs = set(program.graph_signature.user_inputs)
+    shapes = [
+        tuple(node.meta["val"].shape)
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in user_inputs and "val" in node.meta
+    ]
+    return OpenedModel(program.module(), EXPORTED, input_shape=shapes[0] if len(shapes) == 1 else None)
+
+
+def _load_torchscript(path: Path) -> OpenedModel:
+    try:
+        return OpenedModel(torch.jit.load(path, map_location="cpu"), TORCHSCRIPT)
+    except Exception as error:
+        raise ValueError(f"{path} is a corrupt TorchScript archive ({_first_line(error)})") from None
+
+
+def open_model(
+    path: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    trust_builder: bool = False,
+) -> OpenedModel:
+    """Read the model in ``path``, whatever its format (see the module docstring)."""
+    file = Path(path)
+    kind = sniff(file)
+    if kind == "safetensors":
+        spec = model_file.read_spec(file)
+        if spec is None:
+            return OpenedModel(
+                _with_arch(model_file.read_tensors(file), file, arch, trust_builder), STATE_DICT
+            )
+        if arch is not None:
+            raise ValueError(f"{file} records its architecture ({spec.arch}); drop --arch")
+        return OpenedModel(model_file.load(file, trust_builder=trust_builder), LGCONV, spec=spec)
+    if arch is not None and kind != "torch.save":
+        raise ValueError(f"--arch is for plain state dicts, and {file} is a {kind}; drop --arch")
+    if kind == EXPORTED:
+        return _load_exported(file)
+    if kind == TORCHSCRIPT:
+        return _load_torchscript(file)
+    return _load_torch_save(file, arch, trust_pickle, trust_builder)

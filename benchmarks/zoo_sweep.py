@@ -1,0 +1,468 @@
+"""Sweep the timm and torchvision model zoos through lgconv and write docs/coverage.md.
+
+Every architecture is first surveyed on the meta device (parameter count, the condensify plan),
+which costs no memory. Each model with an eligible layer is then built for real, condensified,
+trained one step while the scheduler runs to its end, finalized, and checked: finalized output
+equals the masked output in eval mode, and the FLOPs drop by exactly what the plan predicts.
+
+    python benchmarks/zoo_sweep.py --smoke                      # a few tiny models, seconds
+    python benchmarks/zoo_sweep.py --cache runs/zoo.jsonl       # everything, resumable
+    python benchmarks/zoo_sweep.py --shard 1/2 --cache runs/zoo.jsonl --no-report &   # in parallel
+    python benchmarks/zoo_sweep.py --shard 2/2 --cache runs/zoo.jsonl --no-report
+    python benchmarks/zoo_sweep.py --report-only --cache runs/zoo.jsonl
+
+Results are appended to the cache (one JSON line per model, whole lines, so shards can share it)
+and a re-run skips models already there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+import lgconv
+from lgconv.layers.learned_group import LearnedGroupMixin
+
+SOURCES = ("timm", "torchvision")
+SMOKE_MODELS = ("timm:test_resnet", "timm:test_efficientnet", "timm:test_vit", "torchvision:squeezenet1_1")
+STATUSES = ("pass", "fail", "no eligible layer", "skipped")
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sweep options that every model's check uses."""
+
+    groups: int
+    input_size: int
+    max_params: float
+    timeout: int
+    rtol: float
+
+
+class Timeout(Exception):
+    """The per-model time limit ran out."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Raise ``Timeout`` in the main thread after ``seconds`` (0 disables the limit)."""
+    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def _expire(signum: int, frame: Any) -> None:
+        raise Timeout(f"took longer than {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, _expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def list_models(sources: tuple[str, ...]) -> list[str]:
+    """Every architecture of the chosen zoos as ``source:name``."""
+    names = []
+    if "timm" in sources:
+        import timm
+
+        names += [f"timm:{n}" for n in timm.list_models()]
+    if "torchvision" in sources:
+        import torchvision
+
+        names += [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
+    return names
+
+
+def build(key: str, device: str | None = None) -> nn.Module:
+    """A randomly initialised model (``pretrained=False`` / ``weights=None``), on ``device``."""
+    source, name = key.split(":", 1)
+    with warnings.catch_warnings(), torch.device(device or "cpu"):
+        warnings.simplefilter("ignore")
+        if source == "timm":
+            import timm
+
+            return timm.create_model(name, pretrained=False)
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None)
+
+
+def input_sizes(key: str, model: nn.Module, preferred: int) -> list[int]:
+    """Square input sizes to try, smallest first: ``preferred``, then what the model declares."""
+    sizes = [preferred]
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    for field in ("min_input_size", "input_size", "test_input_size"):
+        if cfg.get(field):
+            sizes.append(int(cfg[field][-1]))
+    if key.startswith("torchvision:"):
+        sizes += [224, 299]
+    return sorted({s for s in sizes if s >= preferred})
+
+
+def first_tensor(output: Any) -> Tensor:
+    """The main output of a model that may return a tuple or a named tuple (GoogLeNet, Inception)."""
+    while not isinstance(output, Tensor):
+        if isinstance(output, dict):
+            output = next(iter(output.values()))
+        else:
+            output = output[0]
+    return output
+
+
+def count_flops(model: nn.Module, x: Tensor) -> int:
+    """FLOPs of one eval forward, by torch.utils.flop_counter (grouped convs counted per group)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+def predicted_drop(model: nn.Module, names: list[str], x: Tensor, condense_factor: int) -> tuple[int, int]:
+    """(dense FLOPs, FLOPs the plan removes): eligible layers keep 1/C of their inputs when finalized.
+
+    The removed part is computed from the layers' shapes and their output sizes seen on ``x``, not
+    by a FLOP counter, so it checks the counted drop independently.
+    """
+    modules = dict(model.named_modules())
+    removed = [0]
+
+    def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+        weight = module.weight
+        positions = output.numel() // weight.shape[0]
+        macs = weight.numel() * positions
+        removed[0] += 2 * (macs - macs // condense_factor)
+
+    handles = [modules[name].register_forward_hook(hook) for name in names]
+    try:
+        dense = count_flops(model, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return dense, removed[0]
+
+
+def survey(key: str, groups: int) -> dict[str, Any]:
+    """Parameter count and condensify plan of ``key`` from a meta-device build (no memory used)."""
+    record: dict[str, Any] = {"model": key}
+    try:
+        model = build(key, device="meta")
+    except Exception:  # some builders refuse the meta device; the real build is tried later
+        return record
+    record["params"] = sum(p.numel() for p in model.parameters())
+    decisions = lgconv.plan(model, groups)
+    record["eligible"] = len(decisions.eligible)
+    record["layers"] = len(decisions.decisions)
+    reasons = Counter(d.reason.split(":")[0].split(" (")[0] for d in decisions.skipped)
+    record["skip_reasons"] = dict(reasons.most_common(3))
+    return record
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:160]}" if text else type(error).__name__
+
+
+def _run_dense(key: str, model: nn.Module, preferred: int) -> tuple[Tensor, str]:
+    """A batch-2 input of the smallest size the dense model runs on, else raise the last error."""
+    error: Exception | None = None
+    for size in input_sizes(key, model, preferred):
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.no_grad():
+                model.eval()(x)
+            return x, f"{size}x{size}"
+        except Exception as exc:  # the model does not accept this size: try the next one
+            error = exc
+    raise RuntimeError(f"dense model does not run: {_one_line(error)}") from error
+
+
+def verdict_from_survey(record: dict[str, Any], settings: Settings) -> dict[str, Any] | None:
+    """The final record when the survey alone decides (too large, nothing eligible), else None."""
+    params = record.get("params")
+    if params is not None and params > settings.max_params:
+        return {**record, "status": "skipped", "reason": f"{params / 1e6:.0f}M parameters > --max-params"}
+    if record.get("eligible") == 0:
+        reasons = "; ".join(f"{n}x {r}" for r, n in record["skip_reasons"].items()) or "no conv/linear layer"
+        return {**record, "status": "no eligible layer", "reason": reasons}
+    return None
+
+
+def check(key: str, settings: Settings, surveyed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Condensify, train one step with the scheduler to its end, finalize and compare one model."""
+    torch.manual_seed(0)
+    record = dict(surveyed) if surveyed is not None else survey(key, settings.groups)
+    verdict = verdict_from_survey(record, settings)
+    if verdict is not None:
+        return verdict
+    start = time.perf_counter()
+    try:
+        with time_limit(settings.timeout):
+            record.update(_check_real(key, settings))
+    except Timeout as exc:
+        record.update(status="skipped", reason=str(exc))
+    except Exception as exc:  # record every failure with its reason; the sweep goes on
+        stage = "skipped" if str(exc).startswith("dense model") else "fail"
+        record.update(status=stage, reason=_one_line(exc), where=traceback.format_exc(limit=-3)[-600:])
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    return record
+
+
+def _check_real(key: str, settings: Settings) -> dict[str, Any]:
+    model = build(key)
+    record: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
+    if record["params"] > settings.max_params:
+        return {**record, "status": "skipped", "reason": f"{record['params'] / 1e6:.0f}M parameters"}
+    x, record["input"] = _run_dense(key, model, settings.input_size)
+    decisions = lgconv.plan(model, settings.groups)
+    names = [d.name for d in decisions.eligible]
+    record["eligible"] = len(names)
+    if not names:
+        return {**record, "status": "no eligible layer", "reason": "no eligible layer"}
+    dense_flops, removed = predicted_drop(model, names, x[:1], decisions.condense_factor)
+
+    model = lgconv.condensify(model, settings.groups)
+    layers = [m for m in model.modules() if isinstance(m, LearnedGroupMixin)]
+    record["condensed"] = len(layers)
+    scheduler = lgconv.CondensationScheduler(model, total_steps=2, lasso=1e-5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model.train()
+    loss = first_tensor(model(x)).float().square().mean() + scheduler.lasso_loss()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    while scheduler.step_count < scheduler.total_steps:
+        scheduler.step()
+    if not all(layer.fully_condensed for layer in layers):
+        raise RuntimeError("scheduler ended with layers not fully condensed")
+
+    model.eval()
+    with torch.no_grad():
+        masked = first_tensor(model(x)).float()
+        model = lgconv.finalize(model)
+        final = first_tensor(model(x)).float()
+    if not bool(masked.isfinite().all()):
+        raise RuntimeError("masked model output is not finite after one training step")
+    scale = max(float(masked.abs().max()), 1.0)
+    error = float((final - masked).abs().max()) / scale
+    record["max_error"] = error
+    final_flops = count_flops(model, x[:1])
+    record.update(dense_flops=dense_flops, final_flops=final_flops, predicted_drop=removed)
+    record["flop_reduction"] = dense_flops / final_flops if final_flops else math.inf
+    exact = error <= settings.rtol
+    flops_as_planned = dense_flops - final_flops == removed
+    if exact and flops_as_planned:
+        return {**record, "status": "pass", "reason": ""}
+    reasons = []
+    if not exact:
+        reasons.append(f"finalized output differs from masked by {error:.2e} of its scale")
+    if not flops_as_planned:
+        reasons.append(f"FLOPs dropped by {dense_flops - final_flops}, the plan predicted {removed}")
+    return {**record, "status": "fail", "reason": "; ".join(reasons)}
+
+
+def read_cache(path: Path | None) -> dict[str, dict[str, Any]]:
+    """Records already in the cache, the last one of each model winning."""
+    records: dict[str, dict[str, Any]] = {}
+    if path is None or not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a killed run
+            record = json.loads(line)
+            records[record["model"]] = record
+    return records
+
+
+def append(path: Path | None, record: dict[str, Any]) -> None:
+    """Append one record as a single write of a whole line, so parallel shards never interleave."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def _cell(value: Any, fmt: str = "{}") -> str:
+    return "" if value is None else fmt.format(value)
+
+
+def render(records: list[dict[str, Any]], total: int, settings: Settings, command: str) -> str:
+    """The coverage page: summary counts, the failures, then one row per model."""
+    by_status = Counter(r["status"] for r in records)
+    eligible = [r for r in records if r["status"] in ("pass", "fail")]
+    lines = [
+        "# Model zoo coverage",
+        "",
+        "Every timm architecture (`timm.list_models()`, `pretrained=False`) and every torchvision",
+        "classification model, condensified with `groups=condense_factor="
+        f"{settings.groups}`, trained one step (SGD, batch 2) while the",
+        "`CondensationScheduler` runs to its end, finalized, and checked: the finalized model's output",
+        f"equals the masked model's in eval mode (max |difference| <= {settings.rtol:g} x max(|output|, 1),",
+        "float32), and the FLOPs (`torch.utils.flop_counter`) drop by exactly what the plan predicts from",
+        "the condensed layers' shapes. Models with no eligible layer are surveyed on the meta device.",
+        "",
+        f"Generated by `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch "
+        f"{torch.__version__}).",
+        "",
+        "## Summary",
+        "",
+        f"- models in the zoos: {total}; covered by this run: {len(records)} "
+        f"({len(records) / max(total, 1):.0%})",
+    ]
+    for status in STATUSES:
+        lines.append(f"- {status}: {by_status.get(status, 0)}")
+    if eligible:
+        passed = by_status.get("pass", 0)
+        lines.append(
+            f"- of the {len(eligible)} models with an eligible layer that were checked, {passed} pass "
+            f"({passed / len(eligible):.1%})"
+        )
+    skip_reasons = Counter(
+        r["reason"].split(" > ")[0].split(": ")[0] if "parameters" not in r["reason"] else "too large"
+        for r in records
+        if r["status"] == "skipped"
+    )
+    if skip_reasons:
+        lines.append("- skipped because: " + ", ".join(f"{r} ({n})" for r, n in skip_reasons.most_common()))
+    failures = [r for r in records if r["status"] == "fail"]
+    lines += ["", "## Failures", ""]
+    if failures:
+        lines += [f"- `{r['model']}`: {r['reason']}" for r in failures]
+    else:
+        lines.append("None.")
+    lines += [
+        "",
+        "## All models",
+        "",
+        "| model | params | input | eligible | condensed | status | max error | FLOP reduction | reason |",
+        "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | --- |",
+    ]
+    for r in sorted(records, key=lambda r: r["model"]):
+        params = r.get("params")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["model"],
+                    _cell(params / 1e6 if params is not None else None, "{:.1f}M"),
+                    _cell(r.get("input")),
+                    _cell(r.get("eligible")),
+                    _cell(r.get("condensed")),
+                    r["status"],
+                    _cell(r.get("max_error"), "{:.1e}"),
+                    _cell(r.get("flop_reduction"), "{:.2f}x"),
+                    r.get("reason", "").replace("|", "/"),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def select(names: list[str], pattern: str | None, shard: str | None, limit: int | None) -> list[str]:
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if shard:
+        index, count = (int(part) for part in shard.split("/"))
+        if not 1 <= index <= count:
+            raise click.BadParameter(f"shard must be I/N with 1 <= I <= N, got {shard}", param_hint="--shard")
+        names = names[index - 1 :: count]
+    return names[:limit] if limit else names
+
+
+@click.command()
+@click.option("--source", type=click.Choice([*SOURCES, "all"]), default="all", show_default=True)
+@click.option("--models", "pattern", help="Glob on source:name, e.g. 'timm:resnet*'.")
+@click.option("--limit", type=int, help="Check at most this many models.")
+@click.option("--smoke", is_flag=True, help=f"Check only {', '.join(SMOKE_MODELS)} (seconds).")
+@click.option("--shard", help="I/N: check every N-th model starting at the I-th (parallel runs).")
+@click.option("--groups", type=int, default=4, show_default=True, help="groups = condense_factor.")
+@click.option("--input-size", type=int, default=64, show_default=True, help="Preferred square input.")
+@click.option("--max-params", type=float, default=100e6, show_default=True, help="Skip larger models.")
+@click.option("--timeout", type=int, default=300, show_default=True, help="Seconds per model (0: none).")
+@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Exactness tolerance.")
+@click.option("--cache", type=click.Path(path_type=Path), help="JSON-lines results file; resumes from it.")
+@click.option("--out", type=click.Path(path_type=Path), default=DOCS / "coverage.md", show_default=True)
+@click.option("--report/--no-report", default=True, help="Write the coverage page and its JSON.")
+@click.option("--report-only", is_flag=True, help="Only write the report from the cache.")
+def main(
+    source: str,
+    pattern: str | None,
+    limit: int | None,
+    smoke: bool,
+    shard: str | None,
+    groups: int,
+    input_size: int,
+    max_params: float,
+    timeout: int,
+    rtol: float,
+    cache: Path | None,
+    out: Path,
+    report: bool,
+    report_only: bool,
+) -> None:
+    """Check every zoo model through condensify -> train -> finalize and write the coverage page."""
+    torch.set_num_threads(1)
+    settings = Settings(groups, input_size, max_params, timeout, rtol)
+    everything = list_models(SOURCES if source == "all" else (source,))
+    names = list(SMOKE_MODELS) if smoke else select(everything, pattern, shard, limit)
+    records = read_cache(cache)
+    if not report_only:
+        surveys = {}
+        for key in tqdm([n for n in names if n not in records], desc="survey", unit="model", file=sys.stderr):
+            surveys[key] = survey(key, groups)
+            verdict = verdict_from_survey(surveys[key], settings)
+            if verdict is not None:
+                records[key] = verdict
+                append(cache, verdict)
+        # Smallest first, so a run cut short has covered as many models as it could.
+        todo = sorted((k for k in surveys if k not in records), key=lambda k: surveys[k].get("params", 0))
+        progress = tqdm(todo, desc="check", unit="model", file=sys.stderr)
+        for key in progress:
+            progress.set_postfix_str(key)
+            record = check(key, settings, surveys[key])
+            records[key] = record
+            append(cache, record)
+            if record["status"] == "fail":
+                tqdm.write(f"FAIL {key}: {record['reason']}", file=sys.stderr)
+    shown = [records[n] for n in (names if smoke or limit else everything) if n in records]
+    counts = Counter(r["status"] for r in shown)
+    click.echo(f"{len(shown)} models: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES))
+    if report:
+        command = "python benchmarks/zoo_sweep.py " + " ".join(sys.argv[1:])
+        total = len(names) if smoke or limit else len(everything)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render(shown, total, settings, command.strip()))
+        out.with_suffix(".json").write_text(json.dumps(shown, indent=1) + "\n")
+        click.echo(f"wrote {out} and {out.with_suffix('.json')}")
+    if counts.get("fail"):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Zoo models through the whole lifecycle: condensify, train with the scheduler, finalize, count, save.
+
+Each model is built with random weights, condensified with groups = condense_factor = 4, trained a
+few SGD steps while the scheduler runs to its end (several stages due in one step), then finalized.
+The finalized model must equal the masked one in eval mode, every parameter must have received a
+gradient, and the FLOPs must drop by exactly what the plan predicts from the condensed layers'
+shapes. The default run covers a short list of small models; ``pytest -m slow`` the longer list.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+import torchvision
+from click.testing import CliRunner
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import lgconv
+from lgconv.layers.learned_group import LearnedGroupMixin
+
+GROUPS = 4
+TOTAL_STEPS = 4
+# Stages due after each of the 4 steps with C = 4 and condense_end = 0.5: stage k is due once
+# step / 4 >= k / 3 * 0.5, so steps 1 and 2 bring stages 1 and 3 (two stages in one step).
+EXPECTED_STAGES = [1, 3, 3, 3]
+
+FAST = [
+    ("timm", "test_resnet", {}),
+    ("timm", "test_efficientnet", {}),
+    ("timm", "test_byobnet", {}),
+    ("timm", "test_convnext", {"conv_mlp": True}),
+    ("timm", "densenet121", {}),
+    ("timm", "mobilenetv3_small_050", {}),
+    ("timm", "regnetx_002", {}),
+    ("torchvision", "resnet18", {}),
+    ("torchvision", "squeezenet1_1", {}),
+    ("torchvision", "shufflenet_v2_x0_5", {}),
+]
+SLOW = [
+    ("timm", "test_efficientnet_gn", {}),
+    ("timm", "test_efficientnet_ln", {}),
+    ("timm", "test_efficientnet_evos", {}),
+    ("timm", "test_coatnet", {}),
+    ("timm", "test_maxvit", {}),
+    ("timm", "resnet26", {}),
+    ("timm", "resnext26ts", {}),
+    ("timm", "regnety_002", {}),
+    ("timm", "efficientnet_b0", {}),
+    ("timm", "mobilenetv2_035", {}),
+    ("timm", "mixnet_s", {}),
+    ("timm", "cs3darknet_focus_s", {}),
+    ("timm", "dla46_c", {}),
+    ("timm", "hrnet_w18_small", {}),
+    ("timm", "ese_vovnet19b_slim", {}),
+    ("timm", "convnext_atto", {"conv_mlp": True}),
+    ("timm", "ghostnet_050", {}),
+    ("timm", "lcnet_035", {}),
+    ("timm", "rexnet_100", {}),
+    ("torchvision", "resnet50", {}),
+    ("torchvision", "resnext50_32x4d", {}),
+    ("torchvision", "densenet121", {}),
+    ("torchvision", "mobilenet_v2", {}),
+    ("torchvision", "mobilenet_v3_small", {}),
+    ("torchvision", "mnasnet0_5", {}),
+    ("torchvision", "regnet_x_400mf", {}),
+    ("torchvision", "regnet_y_400mf", {}),
+    ("torchvision", "efficientnet_b0", {}),
+    ("torchvision", "googlenet", {}),
+]
+
+
+def build(source: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """A randomly initialised zoo model (no weights are downloaded)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if source == "timm":
+            return timm.create_model(name, pretrained=False, **kwargs)
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def main_output(output: Any) -> Tensor:
+    """The logits of a model that may return a named tuple in training mode (GoogLeNet)."""
+    return output if isinstance(output, Tensor) else output[0]
+
+
+def torch_flops(model: nn.Module, x: Tensor) -> int:
+    """FLOPs (2 per multiply-add) of one eval forward."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(x)
+    return counter.get_total_flops()
+
+
+def planned_drop(model: nn.Module, names: list[str], x: Tensor) -> int:
+    """FLOPs the plan removes: each named layer keeps 1/C of its multiply-adds, from its output size."""
+    modules = dict(model.named_modules())
+    removed = []
+
+    def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+        macs = module.weight.numel() * (output.numel() // module.weight.shape[0])
+        removed.append(2 * (macs - macs // GROUPS))
+
+    handles = [modules[name].register_forward_hook(hook) for name in names]
+    with torch.no_grad():
+        model.eval()(x)
+    for handle in handles:
+        handle.remove()
+    return sum(removed)
+
+
+def run_lifecycle(model: nn.Module, x: Tensor) -> dict[str, Any]:
+    """Condensify, train TOTAL_STEPS steps with the scheduler, finalize; return what the test checks."""
+    eligible = [d.name for d in lgconv.plan(model, GROUPS).eligible]
+    dense_flops = torch_flops(model, x[:1])
+    removed = planned_drop(model, eligible, x[:1])
+
+    model = lgconv.condensify(model, GROUPS)
+    layers = [m for m in model.modules() if isinstance(m, LearnedGroupMixin)]
+    scheduler = lgconv.CondensationScheduler(model, TOTAL_STEPS, lasso=1e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model.train()
+    stages, missing_grads = [], None
+    for _ in range(TOTAL_STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        loss = main_output(model(x)).square().mean() + scheduler.lasso_loss()
+        loss.backward()
+        if missing_grads is None:
+            missing_grads = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        stages.append(sorted({int(layer.stage) for layer in layers}))
+
+    model.eval()
+    with torch.no_grad():
+        masked = model(x)
+        final = lgconv.finalize(model).eval()
+        finalized = final(x)
+    return {
+        "eligible": eligible,
+        "condensed": len(layers),
+        "stages": stages,
+        "missing_grads": missing_grads,
+        "lasso_after": float(scheduler.lasso_loss()),
+        "masked": masked,
+        "finalized": finalized,
+        "model": final,
+        "dense_flops": dense_flops,
+        "final_flops": torch_flops(final, x[:1]),
+        "planned_drop": removed,
+    }
+
+
+def lgconv_count(model: nn.Module, x: Tensor) -> Any:
+    """lgconv's own FLOP report (fvcore) when the FLOP module has landed, else None."""
+    count_flops = getattr(lgconv, "count_flops", None)
+    if count_flops is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # operators without a FLOP rule (activations) are summarised
+        return count_flops(model, inputs=x)
+
+
+def check_model(source: str, name: str, kwargs: dict[str, Any], tmp_path: Any) -> None:
+    model = build(source, name, kwargs)
+    x = torch.randn(2, 3, 64, 64)
+    result = run_lifecycle(model, x)
+
+    assert result["condensed"] == len(result["eligible"]) >= 1
+    assert result["missing_grads"] == [], f"parameters without a gradient: {result['missing_grads'][:5]}"
+    assert result["stages"] == [[s] for s in EXPECTED_STAGES]
+    assert result["lasso_after"] == 0.0
+    final = result["model"]
+    assert not any(isinstance(m, LearnedGroupMixin) for m in final.modules())
+    assert sum(isinstance(m, lgconv.CondensedConv2d) for m in final.modules()) == result["condensed"]
+    scale = max(float(result["masked"].abs().max()), 1.0)
+    torch.testing.assert_close(result["finalized"], result["masked"], rtol=1e-5, atol=1e-5 * scale)
+    assert result["dense_flops"] - result["final_flops"] == result["planned_drop"] > 0
+
+    report = lgconv_count(final, x[:1])
+    if report is not None:
+        assert 2 * report.dense_total - 2 * report.total == pytest.approx(result["planned_drop"], rel=1e-6)
+
+    if hasattr(lgconv, "save") and hasattr(lgconv, "load"):
+        path = tmp_path / f"{name}.lgconv"
+        # timm models name their architecture themselves, but not the keyword arguments they were
+        # built with; torchvision models name neither.
+        arch = f"torchvision.models:{name}" if source == "torchvision" else None
+        lgconv.save(final, path, arch=arch, arch_kwargs=kwargs)
+        loaded = lgconv.load(path).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), result["finalized"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("source", "name", "kwargs"), FAST, ids=[f"{s}:{n}" for s, n, _ in FAST])
+def test_zoo_model_condenses_exactly(source: str, name: str, kwargs: dict[str, Any], tmp_path: Any) -> None:
+    check_model(source, name, kwargs, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("source", "name", "kwargs"), SLOW, ids=[f"{s}:{n}" for s, n, _ in SLOW])
+def test_zoo_model_condenses_exactly_slow(
+    source: str, name: str, kwargs: dict[str, Any], tmp_path: Any
+) -> None:
+    check_model(source, name, kwargs, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_convnext"])
+def test_model_without_eligible_conv_is_refused_with_reasons(name: str) -> None:
+    """ViT blocks and ConvNeXt's default MLP are Linear layers: no 1x1 conv, so nothing to condense."""
+    model = build("timm", name, {})
+    decisions = lgconv.plan(model, GROUPS)
+    assert decisions.eligible == []
+    assert any("linear=True" in d.reason for d in decisions.skipped)
+    with pytest.raises(ValueError, match="no eligible layer"):
+        lgconv.condensify(model, GROUPS)
+
+
+def test_exactness_check_detects_a_wrong_gather() -> None:
+    """The exactness check above can fail: a finalized layer gathering the wrong inputs differs."""
+    model = build("timm", "test_resnet", {})
+    x = torch.randn(2, 3, 64, 64)
+    result = run_lifecycle(model, x)
+    final = result["model"]
+    layer = next(m for m in final.modules() if isinstance(m, lgconv.CondensedConv2d))
+    layer.index.copy_(layer.index.flip(0))
+    with torch.no_grad():
+        corrupted = final(x)
+    assert not torch.allclose(corrupted, result["masked"], rtol=1e-5, atol=1e-5)
+
+
+def test_zoo_sweep_smoke_mode_writes_the_coverage_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``benchmarks/zoo_sweep.py --smoke`` checks a few tiny models and writes the page and its JSON."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "zoo_sweep.py"
+    spec = importlib.util.spec_from_file_location("zoo_sweep", script)
+    sweep = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "zoo_sweep", sweep)  # dataclasses look their module up there
+    spec.loader.exec_module(sweep)
+    out, cache = tmp_path / "coverage.md", tmp_path / "cache.jsonl"
+    arguments = ["--smoke", "--out", str(out), "--cache", str(cache)]
+    result = CliRunner().invoke(sweep.main, arguments)
+    assert result.exit_code == 0, result.output
+    records = {r["model"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+    assert set(records) == set(sweep.SMOKE_MODELS)
+    assert records["timm:test_resnet"]["status"] == "pass"
+    assert records["timm:test_vit"]["status"] == "no eligible layer"
+    page = out.read_text()
+    assert "| timm:test_resnet |" in page and "- pass: 3" in page
+    # A second run resumes from the cache: nothing is checked again.
+    again = CliRunner().invoke(sweep.main, arguments)
+    assert again.exit_code == 0 and len(cache.read_text().splitlines()) == len(records)

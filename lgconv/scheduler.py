@@ -8,6 +8,7 @@ the scheduler and the layers' buffers, so two models, EMA copies, DDP and compil
 
 from __future__ import annotations
 
+import numbers
 from fractions import Fraction
 from typing import Any
 
@@ -73,7 +74,7 @@ class CondensationScheduler:
         condense_end: float = 0.5,
         process_group: Any = None,
     ) -> None:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
         if not 0.0 < float(condense_end) <= 1.0:
             raise ValueError(f"condense_end must be in (0, 1], got {condense_end!r}")
@@ -85,7 +86,7 @@ class CondensationScheduler:
                 f"{type(model).__name__} has no learned group layers; "
                 "call lgconv.condensify(model, ...) before creating the scheduler"
             )
-        self.total_steps = total_steps
+        self.total_steps = int(total_steps)
         self.lasso = float(lasso)
         self.condense_end = float(condense_end)
         self.process_group = process_group

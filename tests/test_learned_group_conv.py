@@ -65,6 +65,7 @@ def naive_group_lasso(layer: LearnedGroupConv) -> torch.Tensor:
     padding=st.sampled_from([0, 1]),
     dilation=st.sampled_from([1, 2]),
     bias=st.booleans(),
+    padding_mode=st.sampled_from(["zeros", "reflect", "circular"]),
     size=st.integers(3, 7),
     batch=st.integers(1, 3),
     stage=st.integers(0, 5),
@@ -72,9 +73,18 @@ def naive_group_lasso(layer: LearnedGroupConv) -> torch.Tensor:
     seed=st.integers(0, 2**16),
 )
 def test_finalize_equals_masked_float32(
-    cfg, kernel, stride, padding, dilation, bias, size, batch, stage, channels_last, seed
+    cfg, kernel, stride, padding, dilation, bias, padding_mode, size, batch, stage, channels_last, seed
 ):
-    layer = make_conv(cfg, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias, seed=seed)
+    layer = make_conv(
+        cfg,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        bias=bias,
+        padding_mode=padding_mode,
+        seed=seed,
+    )
     for _ in range(min(stage, layer.max_stage)):
         with torch.no_grad():  # weights move between stages, as in training
             layer.weight.add_(torch.randn_like(layer.weight) * 0.05)

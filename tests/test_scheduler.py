@@ -7,6 +7,7 @@ import io
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from helpers import TinyConvNet, assert_finalize_exact
@@ -312,6 +313,10 @@ def test_copy_masks_refuses_a_different_model():
 def test_bad_arguments_have_clear_messages(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CondensationScheduler(lgc_stack(2), **kwargs)
+
+
+def test_numpy_integer_step_counts_are_accepted():
+    assert CondensationScheduler(lgc_stack(2), np.int64(10)).total_steps == 10
 
 
 def test_a_model_without_learned_group_layers_and_a_bad_state_are_refused():

@@ -293,3 +293,13 @@ def test_hand_edited_mask_is_refused_by_gather_index():
         layer.mask[1, 0] = False
     with pytest.raises(RuntimeError, match="edited by hand"):
         layer.gather_index()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_masked_model_can_be_scripted_traced_and_exported():
+    model = nn.Sequential(condense_to(LearnedGroupConv(8, 8, learned_groups=2), 1), nn.ReLU())
+    x = torch.randn(1, 8, 3, 3)
+    expected = model(x)
+    assert torch.equal(torch.jit.script(model)(x), expected)
+    assert torch.equal(torch.jit.trace(model, x)(x), expected)
+    assert torch.equal(torch.export.export(model, (x,)).module()(x), expected)

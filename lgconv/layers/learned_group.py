@@ -5,8 +5,8 @@ shape ``(out, in, 1, ...)``. Output channels are split into ``learned_groups`` g
 one group share the same kept inputs, so the trained layer becomes a grouped layer after a gather.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: TorchScript reads the class annotations of
+# LearnedGroupMixin and cannot resolve them as strings, so scripting a masked model would fail.
 from typing import Literal
 
 import torch

@@ -27,12 +27,26 @@ TORCH_COUNTER = "torch.utils.flop_counter"
 # Operators that are free in every convention: the gather of a finalized layer.
 _FREE_OPS = ("aten::index_select",)
 # Short operator names of FlopCounterMode, renamed to fvcore's where they differ.
-_TORCH_OP_NAMES = {"convolution": "conv", "_convolution": "conv"}
+_TORCH_OP_NAMES = {
+    "convolution": "conv",
+    "_convolution": "conv",
+    "relu_": "relu",
+    "_adaptive_avg_pool2d": "adaptive_avg_pool2d",
+    "mean": "adaptive_avg_pool2d",
+}
 
 
 def _shape(value: Any) -> list[int]:
     """Complete shape of a traced jit value (fvcore traces with concrete shapes)."""
     return list(value.type().sizes())
+
+
+def _constant_ints(value: Any) -> list[int]:
+    """The integers of a traced constant int or int list (a ``prim::ListConstruct`` of constants)."""
+    constant = value.toIValue()
+    if constant is None and value.node().kind() == "prim::ListConstruct":
+        constant = [item.toIValue() for item in value.node().inputs()]
+    return [int(c) for c in constant] if isinstance(constant, (list, tuple)) else [int(constant)]
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -42,29 +56,60 @@ def _numel(shape: Sequence[int]) -> int:
     return total
 
 
-def _relu_handle(inputs: list[Any], outputs: list[Any]) -> int:
-    """Paper convention: one op per ReLU output element."""
-    return _numel(_shape(outputs[0]))
+def _free_handle(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    """Counted as zero, and not reported as unknown either."""
+    return Counter()
 
 
-def _avg_pool_handle(inputs: list[Any], outputs: list[Any]) -> int:
+def _relu_handle(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    """Paper convention: one op per ReLU output element (in place or not)."""
+    return Counter({"relu": _numel(_shape(outputs[0]))})
+
+
+def _avg_pool_handle(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
     """Paper convention: k*k ops per average-pooled output element."""
-    kernel = inputs[1].toIValue()
-    return _numel(_shape(outputs[0])) * _numel(kernel)
+    kernel = _constant_ints(inputs[1])
+    area = _numel(kernel * 2 if len(kernel) == 1 else kernel)
+    return Counter({"avg_pool2d": _numel(_shape(outputs[0])) * area})
 
 
-def _adaptive_pool_handle(inputs: list[Any], outputs: list[Any]) -> int:
+def _adaptive_pool_handle(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
     """Paper convention: every input element is added once into its output (input elements per output)."""
-    return _numel(_shape(inputs[0]))
+    return Counter({"adaptive_avg_pool2d": _numel(_shape(inputs[0]))})
+
+
+def _einsum_handle(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    """Exact multiply-adds of a one- or two-operand einsum: the product of all index sizes.
+
+    fvcore's own rule reads numpy's rounded printout, which is off by a few for large counts.
+    """
+    equation = inputs[0].toIValue().replace(" ", "").split("->")[0]
+    shapes = [_shape(v) for v in inputs[1].node().inputs()]
+    sizes: dict[str, int] = {}
+    for term, shape in zip(equation.split(","), shapes):
+        if "..." in term:
+            head, tail = term.split("...")
+            broadcast = len(shape) - len(head) - len(tail)
+            letters = [*head, *(f"...{i}" for i in range(-broadcast, 0)), *tail]
+        else:
+            letters = list(term)
+        for letter, size in zip(letters, shape):
+            sizes[letter] = max(sizes.get(letter, 1), int(size))
+    if len(shapes) > 2:
+        from fvcore.nn.jit_handles import einsum_flop_jit
+
+        return Counter({"einsum": int(einsum_flop_jit(inputs, outputs))})
+    return Counter({"einsum": _numel(sizes.values())})
 
 
 def _fvcore_handles(convention: str) -> dict[str, Any]:
     """Operator handles added to fvcore's defaults for ``convention`` (None means free, no warning)."""
     handles: dict[str, Any] = dict.fromkeys(_FREE_OPS)
+    handles["aten::einsum"] = _einsum_handle
     if convention == "paper":
         handles.update(
             {
-                "aten::batch_norm": None,
+                "aten::batch_norm": _free_handle,  # None would not remove fvcore's own handle
                 "aten::relu": _relu_handle,
                 "aten::relu_": _relu_handle,
                 "aten::avg_pool2d": _avg_pool_handle,
@@ -89,14 +134,15 @@ def _torch_custom_mapping(convention: str) -> dict[Any, Any]:
         kernel = list(kernel) * (2 if len(kernel) == 1 else 1)
         return 2 * _numel(out_shape) * _numel(kernel)
 
-    def adaptive_pool(x_shape: Sequence[int], *args: Any, out_shape: Sequence[int], **kwargs: Any) -> int:
+    def whole_input(x_shape: Sequence[int], *args: Any, out_shape: Sequence[int], **kwargs: Any) -> int:
         return 2 * _numel(x_shape)
 
     return {
         aten.relu: relu,
         aten.relu_: relu,
         aten.avg_pool2d: avg_pool,
-        aten._adaptive_avg_pool2d: adaptive_pool,
+        aten._adaptive_avg_pool2d: whole_input,
+        aten.mean: whole_input,  # adaptive average pooling to 1x1 dispatches as a mean
     }
 
 
@@ -191,10 +237,11 @@ def _count_with_fvcore(
         warnings.simplefilter("ignore")
         counts = {name: Counter(ops) for name, ops in analysis.by_module_and_operator().items()}
     unsupported = Counter(analysis.unsupported_ops(""))
-    for name, (kind, _, _) in layers.items():
-        if kind == "masked" and name in counts:
-            # The weight * mask product of a masked layer is bookkeeping, not inference cost.
-            unsupported.subtract(Counter({"aten::mul": analysis.unsupported_ops(name)["aten::mul"]}))
+    for name in layers:
+        if name in counts:
+            # Inside lgconv layers the rule above is the cost: the weight * mask product, the
+            # reshapes and the bias add (which fvcore never counts for conv or linear) are not.
+            unsupported.subtract(analysis.unsupported_ops(name))
     return counts, +unsupported
 
 
@@ -215,6 +262,11 @@ def _count_with_torch(
             short[_TORCH_OP_NAMES.get(op_name, op_name)] += value // 2
         counts[name] = short
     return counts, Counter()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _human(value: float) -> str:
@@ -243,6 +295,7 @@ class FlopReport:
     input_shapes: tuple[tuple[int, ...], ...]
     unsupported: Counter[str] = field(default_factory=Counter)
     lgconv_layers: int = 0
+    fallback_reason: str = ""
 
     unit = "multiply-adds"
 
@@ -323,6 +376,10 @@ class FlopReport:
             )
         if self.unsupported:
             lines.append(self.unsupported_summary())
+        if self.fallback_reason:
+            lines.append(
+                f"fvcore could not trace the model ({self.fallback_reason}), so {self.counter} counted it"
+            )
         return lines
 
     def __str__(self) -> str:
@@ -345,6 +402,7 @@ class FlopReport:
             "by_module": dict(self.by_module()),
             "dense_by_module": dict(self.by_module(dense=True)),
             "unsupported": dict(self.unsupported),
+            "fallback_reason": self.fallback_reason,
         }
 
 
@@ -406,7 +464,7 @@ def count_flops(
         with torch.no_grad():
             try:
                 counts, unsupported = _count_with_fvcore(model, example, convention, layers)
-                counter = FVCORE
+                counter, fallback_reason = FVCORE, ""
             except Exception as fvcore_error:  # any trace failure: count with the other counter
                 try:
                     counts, unsupported = _count_with_torch(model, example, convention)
@@ -419,7 +477,7 @@ def count_flops(
                         f"{type(model).__name__} failed on an input of shape {shapes} ({reason}); "
                         "pass the input size the model accepts"
                     ) from fvcore_error
-                counter = TORCH_COUNTER
+                counter, fallback_reason = TORCH_COUNTER, _first_line(fvcore_error)
     finally:
         for module, training in was_training:
             module.training = training
@@ -435,6 +493,7 @@ def count_flops(
         input_shapes=tuple(tuple(t.shape) for t in example),
         unsupported=unsupported,
         lgconv_layers=len(layers),
+        fallback_reason=fallback_reason,
     )
     if unsupported:
         warnings.warn(report.unsupported_summary(), stacklevel=2)

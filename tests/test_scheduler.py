@@ -229,6 +229,19 @@ def test_works_on_a_torch_compile_wrapped_model(backend):
     assert_finalize_exact(model, x)
 
 
+@pytest.mark.slow
+def test_the_default_inductor_backend_sees_new_masks_without_recompiling():
+    model = lgc_stack(2, width=8)[:1]
+    compiled = torch.compile(model)
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        before = compiled(x)
+        CondensationScheduler(compiled, 2).step()
+        after = compiled(x)
+        torch.testing.assert_close(after, model(x))
+    assert not torch.allclose(before, after)
+
+
 def test_autocast_bfloat16_and_gradient_accumulation():
     model = make_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)

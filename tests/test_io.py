@@ -1,0 +1,230 @@
+"""lgconv.save / lgconv.load: exact round trips, a fresh process, no pickled code, atomic writes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torchvision
+from helpers import TinyConvNet, condense_all, perturb_
+from torch import nn
+
+import lgconv
+from lgconv import model_file
+from lgconv.layers import CondensedConv2d, LearnedGroupConv
+from lgconv.layers.learned_group import LearnedGroupMixin
+
+
+def build_tiny(width: int = 16) -> nn.Module:
+    """A builder named by its import path in the file (module ``test_io`` is not a trusted package)."""
+    return TinyConvNet(in_channels=3, width=width)
+
+
+def timm_model(stage: int | None) -> nn.Module:
+    model = timm.create_model("resnet18", num_classes=7)
+    lgconv.condensify(model, groups=4, condense_factor=4, layout="interleaved")
+    return perturb_(condense_all(model, stage)).eval()
+
+
+def assert_same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+@pytest.mark.parametrize("stage", [1, None], ids=["mid-condensing", "fully-condensed"])
+def test_masked_timm_model_round_trips_exactly(tmp_path: Path, stage: int | None) -> None:
+    model = timm_model(stage)
+    path = lgconv.save(model, tmp_path / "model.pt")
+    loaded = lgconv.load(path)
+    assert_same_outputs(model, loaded, torch.randn(2, 3, 32, 32))
+    for (name, a), b in zip(model.named_modules(), loaded.modules()):
+        assert type(a) is type(b), name
+        if isinstance(a, LearnedGroupMixin):
+            assert torch.equal(a.mask, b.mask) and int(a.stage) == int(b.stage) and a.layout == b.layout
+    spec = model_file.read_spec(path)
+    assert spec.arch == "timm:resnet18" and spec.arch_kwargs == {"num_classes": 7}
+    assert spec.input_size == (3, 224, 224) and loaded.default_input_size == (3, 224, 224)
+
+
+def test_finalized_timm_model_round_trips_exactly(tmp_path: Path) -> None:
+    model = lgconv.finalize(timm_model(stage=2), allow_partial=True)
+    loaded = lgconv.load(lgconv.save(model, tmp_path / "final.lgc"))
+    assert sum(isinstance(m, CondensedConv2d) for m in loaded.modules()) == 3
+    assert_same_outputs(model, loaded, torch.randn(2, 3, 32, 32))
+
+
+def test_condensed_linear_layers_round_trip(tmp_path: Path) -> None:
+    model = timm.create_model("test_vit", num_classes=5)
+    lgconv.condensify(model, groups=4, linear=True)
+    perturb_(condense_all(model, stage=1)).eval()
+    lgconv.finalize(model, allow_partial=True)
+    loaded = lgconv.load(lgconv.save(model, tmp_path / "vit.pt"))
+    assert_same_outputs(model, loaded, torch.randn(1, 3, *model.pretrained_cfg["input_size"][1:]))
+
+
+def test_condensenet_preset_round_trips(tmp_path: Path) -> None:
+    models = pytest.importorskip("lgconv.models", reason="the CondenseNet presets have not landed yet")
+    model = models.create_model("condensenet50")
+    perturb_(condense_all(model, stage=1)).eval()
+    x = torch.randn(2, *model.default_input_size)
+    loaded = lgconv.load(lgconv.save(model, tmp_path / "cn.pt"))
+    assert model_file.read_spec(tmp_path / "cn.pt").arch == "lgconv:condensenet50"
+    assert_same_outputs(model, loaded, x)
+    final = lgconv.finalize(copy.deepcopy(model), allow_partial=True)
+    assert_same_outputs(final, lgconv.load(lgconv.save(final, tmp_path / "cn_final.pt")), x)
+
+
+def test_loads_in_a_fresh_process_with_only_lgconv_imported(tmp_path: Path) -> None:
+    model = lgconv.finalize(timm_model(stage=None))
+    lgconv.save(model, tmp_path / "model.pt")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        safetensors.torch.save_file({"x": x, "y": model(x)}, tmp_path / "io.safetensors")
+    script = (
+        "import sys, torch, lgconv, safetensors.torch as st\n"
+        "d = st.load_file(sys.argv[2]); m = lgconv.load(sys.argv[1]).eval()\n"
+        "with torch.no_grad(): y = m(d['x'])\n"
+        "assert torch.equal(y, d['y']), 'outputs differ'\n"
+        "print(type(m).__name__, sum(type(l).__name__ == 'CondensedConv2d' for l in m.modules()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "model.pt"), str(tmp_path / "io.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ResNet", "3"]
+
+
+def test_the_file_holds_no_pickle(tmp_path: Path) -> None:
+    path = lgconv.save(timm_model(stage=1), tmp_path / "model.pt")
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(length))
+    spec = json.loads(header["__metadata__"]["lgconv"])
+    assert spec["format"] == "lgconv" and spec["layers"][0]["type"] == "LearnedGroupConv"
+    assert spec["layers"][0]["config"]["learned_groups"] == 4 and spec["layers"][0]["state"]["stage"] == 1
+    assert b"\x80\x04" not in path.read_bytes()[: length + 8]  # no pickle protocol marker in the header
+
+
+def test_torchvision_builder_given_as_a_function(tmp_path: Path) -> None:
+    model = torchvision.models.resnet18(num_classes=3)
+    lgconv.condensify(model, groups=2)
+    perturb_(condense_all(model, stage=1)).eval()
+    path = lgconv.save(
+        model, tmp_path / "tv.pt", arch=torchvision.models.resnet18, arch_kwargs={"num_classes": 3}
+    )
+    assert model_file.read_spec(path).arch == "torchvision.models.resnet:resnet18"
+    assert_same_outputs(model, lgconv.load(path), torch.randn(1, 3, 32, 32))
+
+
+def test_untrusted_builders_run_only_when_trusted(tmp_path: Path) -> None:
+    model = lgconv.condensify(build_tiny(width=8), groups=2)
+    perturb_(condense_all(model)).eval()
+    path = lgconv.save(
+        model, tmp_path / "tiny.pt", arch=build_tiny, arch_kwargs={"width": 8}, input_size=(3, 8, 8)
+    )
+    with pytest.raises(ValueError, match="trust_builder=True"):
+        lgconv.load(path)
+    loaded = lgconv.load(path, trust_builder=True)
+    assert loaded.default_input_size == (3, 8, 8)
+    assert_same_outputs(model, loaded, torch.randn(1, 3, 8, 8))
+
+
+def test_shared_layers_keep_being_shared(tmp_path: Path) -> None:
+    layer = LearnedGroupConv(8, 8, 1, learned_groups=2)
+    model = perturb_(condense_all(nn.Sequential(layer, nn.ReLU(), layer))).eval()
+    record = model_file.layer_records(model)
+    assert len(record) == 1 and record[0].names == ("0", "2")
+    spec = model_file.ModelSpec("torch.nn:Sequential", {}, record)
+    rebuilt = model_file._replace_layers(
+        nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1)), spec.layers, ""
+    )
+    assert rebuilt[0] is rebuilt[2] and isinstance(rebuilt[0], LearnedGroupConv)
+
+
+def test_save_refuses_a_model_of_unknown_origin(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot tell where the architecture"):
+        lgconv.save(TinyConvNet(), tmp_path / "x.pt")
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_checks_that_the_spec_rebuilds_the_model(tmp_path: Path) -> None:
+    model = timm_model(stage=1)
+    with pytest.raises(ValueError, match="does not rebuild"):
+        lgconv.save(model, tmp_path / "x.pt", arch="timm:resnet34", arch_kwargs={"num_classes": 7})
+    with pytest.raises(ValueError, match="unknown timm architecture"):
+        lgconv.save(model, tmp_path / "x.pt", arch="timm:no_such_net")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:
+    model = timm_model(stage=1)
+    path = lgconv.save(model, tmp_path / "model.pt")
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        lgconv.save(timm_model(stage=2), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+    with pytest.raises(OSError, match="disk full"):
+        lgconv.save(model, tmp_path / "new.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_write_into_a_missing_folder_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        lgconv.save(timm_model(stage=1), tmp_path / "nope" / "x.pt")
+
+
+@pytest.mark.parametrize("cut", [4, 100, -1000])
+def test_truncated_files_are_reported_as_corrupt(tmp_path: Path, cut: int) -> None:
+    path = lgconv.save(timm_model(stage=1), tmp_path / "model.pt")
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(ValueError, match="corrupt|not an lgconv model file"):
+        lgconv.load(path)
+
+
+def test_wrong_files_are_refused_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lgconv.load(tmp_path / "missing.pt")
+    (tmp_path / "text.pt").write_text("hello, I am not a model")
+    with pytest.raises(ValueError, match="not an lgconv model file"):
+        lgconv.load(tmp_path / "text.pt")
+    safetensors.torch.save_file({"w": torch.ones(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="without an lgconv spec"):
+        lgconv.load(tmp_path / "plain.safetensors")
+
+
+def test_spec_problems_are_named(tmp_path: Path) -> None:
+    path = lgconv.save(timm_model(stage=1), tmp_path / "model.pt")
+    tensors = safetensors.torch.load_file(path)
+    spec = json.loads(model_file.safetensors_metadata(path)["lgconv"])
+
+    def write(changed: dict) -> Path:
+        safetensors.torch.save_file(tensors, tmp_path / "edited.pt", metadata={"lgconv": json.dumps(changed)})
+        return tmp_path / "edited.pt"
+
+    with pytest.raises(ValueError, match="newer lgconv"):
+        lgconv.load(write({**spec, "version": 99}))
+    with pytest.raises(ValueError, match="unknown to this lgconv"):
+        lgconv.load(write({**spec, "layers": [{**spec["layers"][0], "type": "FancyConv"}]}))
+    with pytest.raises(ValueError, match="corrupt lgconv spec"):
+        lgconv.load(write({k: v for k, v in spec.items() if k != "arch"}))
+    with pytest.raises(ValueError, match="do not fit"):
+        lgconv.load(write({**spec, "arch_kwargs": {"num_classes": 8}}))
+    with pytest.raises(ValueError, match="would run code"):
+        lgconv.load(write({**spec, "arch": "os:system", "arch_kwargs": {"command": "true"}}))

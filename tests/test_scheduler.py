@@ -13,7 +13,7 @@ import torch
 from helpers import TinyConvNet, assert_finalize_exact
 from hypothesis import example, given
 from hypothesis import strategies as st
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV2, ModelEmaV3
 from torch import nn
 
 import lgconv
@@ -300,6 +300,19 @@ def test_timm_model_ema_v3_keeps_masks_exact(exclude_buffers):
     for (_, a), (_, b) in zip(learned_group_layers(model), learned_group_layers(ema.module)):
         assert b.mask.dtype == torch.bool and torch.equal(a.mask, b.mask)
         assert int(b.stage) == 3
+    assert_finalize_exact(ema.module, torch.randn(2, 1, 8, 8))
+
+
+def test_timm_model_ema_v2_averages_masks_so_they_must_be_copied_after_each_update():
+    model = make_net()
+    ema = ModelEmaV2(model, decay=0.9)
+    scheduler = CondensationScheduler(model, 2)
+    scheduler.step()
+    ema.update(model)
+    layer, ema_layer = scheduler.layers[0][1], learned_group_layers(ema.module)[0][1]
+    assert not torch.equal(ema_layer.mask, layer.mask)  # 0.9 * True + 0.1 * False is still True
+    scheduler.copy_masks_to(ema.module)
+    assert torch.equal(ema_layer.mask, layer.mask) and int(ema_layer.stage) == 3
     assert_finalize_exact(ema.module, torch.randn(2, 1, 8, 8))
 
 

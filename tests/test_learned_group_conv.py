@@ -281,6 +281,8 @@ def test_bad_arguments_name_the_argument(kwargs, message):
 def test_from_conv_rejects_grouped_conv_and_over_condensing_is_an_error():
     with pytest.raises(ValueError, match="grouped convolution"):
         LearnedGroupConv.from_conv(nn.Conv2d(8, 8, 1, groups=2))
+    with pytest.raises(TypeError, match="from_conv needs an nn.Conv2d, got Linear"):
+        LearnedGroupConv.from_conv(nn.Linear(8, 8))
     layer = condense_to(LearnedGroupConv(8, 8, learned_groups=2, condense_factor=2), 1)
     with pytest.raises(RuntimeError, match="already fully condensed"):
         layer.condense()

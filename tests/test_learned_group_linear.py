@@ -107,3 +107,5 @@ def test_bad_arguments_name_the_argument():
         LearnedGroupLinear(8, 10, learned_groups=4)
     with pytest.raises(ValueError, match="in channels 10 are not divisible by condense_factor 4"):
         LearnedGroupLinear(10, 8, learned_groups=4)
+    with pytest.raises(TypeError, match="from_linear needs an nn.Linear, got Conv2d"):
+        LearnedGroupLinear.from_linear(nn.Conv2d(8, 8, 1))

@@ -60,6 +60,8 @@ class LearnedGroupConv(LearnedGroupMixin, nn.Conv2d):
         layout: Layout = "contiguous",
     ) -> LearnedGroupConv:
         """Wrap ``conv`` (sharing its parameters); the result computes the same until condensed."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv needs an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
             raise ValueError(f"cannot learn groups on a grouped convolution (groups={conv.groups})")
         layer = cls(

@@ -43,6 +43,8 @@ class LearnedGroupLinear(LearnedGroupMixin, nn.Linear):
         layout: Layout = "contiguous",
     ) -> LearnedGroupLinear:
         """Wrap ``linear`` (sharing its parameters); the result computes the same until condensed."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         layer = cls(
             linear.in_features,
             linear.out_features,

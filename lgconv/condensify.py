@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -139,6 +141,32 @@ def _skip_reason(
     return None
 
 
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def _bypass_reason(
+    module: nn.Module, parents: list[tuple[nn.Module, str]], sources: dict[type, str]
+) -> str | None:
+    """Why a replacement would be bypassed: a parent's forward uses ``self.<child>.weight`` itself.
+
+    Such parents (torchvision's Swin attention, timm's BEiT / EVA attention) pass the raw weight to
+    a functional op, so a mask applied in the child's forward would silently never be applied.
+    """
+    for parent, child_name in parents:
+        cls = type(parent)
+        if cls not in sources:
+            sources[cls] = _forward_source(cls)
+        pattern = rf"self\.{re.escape(child_name)}\.(weight|bias)\b(?!\.(device|dtype)\b)"
+        match = re.search(pattern, sources[cls])
+        if match:
+            return f"{cls.__name__}.forward reads {match.group(0)} directly, bypassing the layer's forward"
+    return None
+
+
 def _is_layer(module: nn.Module) -> bool:
     return isinstance(module, (_ConvNd, nn.Linear, *_LGCONV_LAYERS))
 
@@ -164,11 +192,18 @@ def plan(
     check_group_args(groups, factor, layout)
     include_patterns = _as_patterns(include, "include")
     exclude_patterns = _as_patterns(exclude, "exclude")
+    parents: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            parents.setdefault(id(child), []).append((parent, child_name))
+    sources: dict[type, str] = {}
     decisions = []
     for name, module in module_tree.walk(model, stop=lambda m: isinstance(m, _LGCONV_LAYERS)):
         if not _is_layer(module):
             continue
         reason = _skip_reason(name, module, groups, factor, include_patterns, exclude_patterns, linear)
+        if reason is None:
+            reason = _bypass_reason(module, parents.get(id(module), []), sources)
         decisions.append(
             LayerDecision(name, type(module).__name__, _shape(module), reason is None, reason or "eligible")
         )

@@ -10,6 +10,7 @@ from helpers import TinyConvNet, tiny_mlp
 from timm.layers import Conv2dSame, ScaledStdConv2d, StdConv2d
 from torch import nn
 from torch.nn.utils import parametrizations
+from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 import lgconv
 from lgconv import LearnedGroupConv, LearnedGroupLinear
@@ -72,6 +73,31 @@ def test_hooks_and_parametrizations_are_skipped_because_replacing_would_drop_the
     assert result["0"] == result["1"] == (False, "has hooks registered that replacing the module would drop")
     assert result["2"][0] is False and "parametrizations" in result["2"][1]
     assert result["3"] == (True, "eligible")
+
+
+class RawWeightUser(nn.Module):
+    """Passes its child's weight to a functional op: a mask applied in the child's forward is bypassed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 8)
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.conv(x).mean((2, 3)) if self.conv.weight.dtype == x.dtype else x
+        return self.fc(nn.functional.linear(x, self.proj.weight))
+
+
+def test_a_layer_whose_parent_reads_its_weight_directly_is_skipped():
+    result = decisions(RawWeightUser(), linear=True)
+    assert result["proj"] == (
+        False,
+        "RawWeightUser.forward reads self.proj.weight directly, bypassing the layer's forward",
+    )
+    assert result["fc"] == result["conv"] == (True, "eligible")  # .weight.dtype is harmless
+    attention = ShiftedWindowAttention(8, window_size=[2, 2], shift_size=[0, 0], num_heads=2)
+    assert decisions(attention, linear=True)["qkv"][1].startswith("ShiftedWindowAttention.forward reads")
 
 
 def test_include_and_exclude_globs_on_qualified_names():

@@ -39,7 +39,9 @@ class _OneLineErrors(click.Group):
         argv = list(sys.argv[1:] if args is None else args)
         name = "lgconv " + next((a for a in argv if a in self.commands), "").strip()
         try:
-            code = super().main(args, prog_name or "lgconv", standalone_mode=False, **extra)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # deprecation chatter; what matters is in the output
+                code = super().main(args, prog_name or "lgconv", standalone_mode=False, **extra)
         except click.UsageError as error:
             where = error.ctx.command_path if error.ctx else "lgconv"
             click.echo(
@@ -63,7 +65,7 @@ class _OneLineErrors(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="lgconv", cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lgconv")
 def main() -> None:
     """lgconv: learned group convolution for any PyTorch network.

@@ -402,6 +402,12 @@ def safetensors_metadata(path: Path) -> dict[str, str] | None:
             raise ValueError(f"{path} is a corrupt or truncated safetensors file; re-save it") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path} is a corrupt safetensors file (header is not an object); re-save it")
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise ValueError(f"{path} is a corrupt safetensors file (bad tensor entry); re-save it") from None
+    if path.stat().st_size < 8 + length + end:
+        raise ValueError(f"{path} is a corrupt or truncated safetensors file (data cut short); re-save it")
     return dict(header.get("__metadata__") or {})
 
 

@@ -108,9 +108,10 @@ def _with_arch(state: dict[str, Tensor], path: Path, arch: str | None, trust_bui
 
 def _num_classes_kwargs(arch: str, state: dict[str, Tensor]) -> dict[str, Any]:
     """For timm models, the class count read off the classifier's bias so the head fits."""
-    if not arch.startswith("timm:"):
-        return {}
     import timm
+
+    if not arch.startswith("timm:") or not timm.is_model(arch.split(":", 1)[1]):
+        return {}  # build_arch names the problem
 
     with torch.device("meta"):
         probe = timm.create_model(arch.split(":", 1)[1], pretrained=False, num_classes=1)

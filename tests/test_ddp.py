@@ -76,10 +76,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         with torch.no_grad():
             output = final(probe)
 
-        # Without DDP, ranks whose weights differ still get rank 0's masks from the scheduler.
+        # Without DDP, ranks whose weights differ still get the group's first rank's masks.
         torch.manual_seed(10 + rank)
         loose = lgconv.condensify(_net(), groups=4)
-        loose_scheduler = lgconv.CondensationScheduler(loose, 2)
+        loose_scheduler = lgconv.CondensationScheduler(loose, 2, process_group=dist.new_group([0, 1]))
         loose_scheduler.step()
         loose_equal = _all_equal(_flat_masks(loose))
         loose_differs_from_local = not torch.equal(

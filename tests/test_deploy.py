@@ -173,3 +173,18 @@ def test_torch_compile_inductor_matches_eager(name: str, finalized: Any) -> None
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="inductor")
     assert_same(eager(compiled, x), eager(model, x))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "interleaved"])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_torchscript_script_compiles_the_condensed_layers(kind: str, layout: str) -> None:
+    """``torch.jit.script`` (not only trace) accepts both inference layers, the optional order buffer too."""
+    dense = nn.Conv2d(16, 8, 1) if kind == "conv" else nn.Linear(16, 8)
+    model = lgconv.condensify(nn.Sequential(dense), 4, linear=True, layout=layout)
+    for module in model.modules():
+        while hasattr(module, "fully_condensed") and not module.fully_condensed:
+            module.condense()
+    final = lgconv.finalize(model).eval()
+    scripted = torch.jit.script(final)
+    x = torch.randn(3, 16, 5, 5) if kind == "conv" else torch.randn(3, 7, 16)
+    assert_same(eager(scripted, x), eager(final, x))

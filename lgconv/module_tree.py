@@ -31,7 +31,8 @@ def replace(root: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
     if id(root) in replacements:
         return replacements[id(root)]
     for parent in list(root.modules()):
-        for child_name, child in list(parent.named_children()):
-            if id(child) in replacements:
+        # _modules, not named_children(): the latter yields a module registered twice only once
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
                 setattr(parent, child_name, replacements[id(child)])
     return root

@@ -168,6 +168,23 @@ def test_a_shared_module_is_replaced_at_every_parent():
     assert model[0][0] is model[1][0] and isinstance(model[0][0], lgconv.CondensedConv2d)
 
 
+class SameConvTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(8, 8, 1)
+        self.second = self.first
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_a_module_registered_under_two_names_of_one_parent_is_replaced_under_both():
+    model = lgconv.condensify(SameConvTwice(), groups=2)
+    assert isinstance(model.second, LearnedGroupConv) and model.second is model.first
+    lgconv.finalize(model, allow_partial=True)
+    assert isinstance(model.second, lgconv.CondensedConv2d) and model.second is model.first
+
+
 def test_the_root_module_itself_can_be_a_conv():
     conv = nn.Conv2d(8, 8, 1)
     layer = lgconv.condensify(conv, groups=2)

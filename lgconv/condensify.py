@@ -194,7 +194,7 @@ def plan(
     exclude_patterns = _as_patterns(exclude, "exclude")
     parents: dict[int, list[tuple[nn.Module, str]]] = {}
     for parent in model.modules():
-        for child_name, child in parent.named_children():
+        for child_name, child in parent._modules.items():  # every name, even of a module named twice
             parents.setdefault(id(child), []).append((parent, child_name))
     sources: dict[type, str] = {}
     decisions = []

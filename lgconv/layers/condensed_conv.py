@@ -115,6 +115,15 @@ class CondensedConv2d(nn.Module):
         """A fresh layer of the structure ``config()`` described (load the state dict into it)."""
         return cls(**config)
 
+    @property
+    def weight(self) -> Tensor:
+        """The grouped conv's weight, for model code that reads ``layer.weight.dtype`` (timm EdgeNeXt)."""
+        return self.conv.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.conv.bias
+
     def forward(self, input: Tensor) -> Tensor:
         output = self.conv(input.index_select(1, self.index))
         if self.restore is not None:

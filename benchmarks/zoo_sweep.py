@@ -201,12 +201,12 @@ def _run_dense(key: str, model: nn.Module, preferred: int) -> tuple[Tensor, str]
 
 def verdict_from_survey(record: dict[str, Any], settings: Settings) -> dict[str, Any] | None:
     """The final record when the survey alone decides (too large, nothing eligible), else None."""
-    params = record.get("params")
-    if params is not None and params > settings.max_params:
-        return {**record, "status": "skipped", "reason": f"{params / 1e6:.0f}M parameters > --max-params"}
     if record.get("eligible") == 0:
         reasons = "; ".join(f"{n}x {r}" for r, n in record["skip_reasons"].items()) or "no conv/linear layer"
         return {**record, "status": "no eligible layer", "reason": reasons}
+    params = record.get("params")
+    if params is not None and params > settings.max_params:
+        return {**record, "status": "skipped", "reason": f"{params / 1e6:.0f}M parameters > --max-params"}
     return None
 
 
@@ -234,7 +234,11 @@ def _check_real(key: str, settings: Settings) -> dict[str, Any]:
     model = build(key)
     record: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
     if record["params"] > settings.max_params:
-        return {**record, "status": "skipped", "reason": f"{record['params'] / 1e6:.0f}M parameters"}
+        return {
+            **record,
+            "status": "skipped",
+            "reason": f"{record['params'] / 1e6:.0f}M parameters > --max-params",
+        }
     x, record["input"] = _run_dense(key, model, settings.input_size)
     decisions = lgconv.plan(model, settings.groups)
     names = [d.name for d in decisions.eligible]
@@ -410,6 +414,7 @@ def select(names: list[str], pattern: str | None, shard: str | None, limit: int 
 @click.option("--out", type=click.Path(path_type=Path), default=DOCS / "coverage.md", show_default=True)
 @click.option("--report/--no-report", default=True, help="Write the coverage page and its JSON.")
 @click.option("--report-only", is_flag=True, help="Only write the report from the cache.")
+@click.option("--retry-failed", is_flag=True, help="Check again the models the cache records as failed.")
 def main(
     source: str,
     pattern: str | None,
@@ -425,6 +430,7 @@ def main(
     out: Path,
     report: bool,
     report_only: bool,
+    retry_failed: bool,
 ) -> None:
     """Check every zoo model through condensify -> train -> finalize and write the coverage page."""
     torch.set_num_threads(1)
@@ -432,6 +438,8 @@ def main(
     everything = list_models(SOURCES if source == "all" else (source,))
     names = list(SMOKE_MODELS) if smoke else select(everything, pattern, shard, limit)
     records = read_cache(cache)
+    if retry_failed:
+        records = {k: r for k, r in records.items() if r["status"] != "fail"}
     if not report_only:
         surveys = {}
         for key in tqdm([n for n in names if n not in records], desc="survey", unit="model", file=sys.stderr):

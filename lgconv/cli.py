@@ -340,3 +340,7 @@ def _lgconv_spec(path: Path, kind: str) -> model_file.ModelSpec:
             f"{path} is a {what}, not an lgconv file; save the model with lgconv.save to inspect it"
         )
     return spec
+
+
+if __name__ == "__main__":
+    main()

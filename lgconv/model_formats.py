@@ -26,6 +26,7 @@ TORCHSCRIPT = "TorchScript archive"
 EXPORTED = "torch.export program"
 STATE_DICT = "state dict"
 PICKLED_MODULE = "pickled nn.Module"
+TORCH_SAVE = "torch.save file"
 
 _STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
@@ -62,10 +63,10 @@ def sniff(path: str | os.PathLike[str]) -> str:
         if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
             return TORCHSCRIPT
         if any(n.endswith("data.pkl") for n in names):
-            return "torch.save"
+            return TORCH_SAVE
         raise ValueError(f"{file} is a zip archive but not one PyTorch wrote; give a model file")
     if head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "torch.save"
+        return TORCH_SAVE
     if model_file.safetensors_metadata(file) is not None:
         return "safetensors"
     raise ValueError(
@@ -124,7 +125,9 @@ def _num_classes_kwargs(arch: str, state: dict[str, Tensor]) -> dict[str, Any]:
 def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool, trust_builder: bool) -> OpenedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):  # not code to run: a damaged pickle stream
+            raise ValueError(f"{path} is a corrupt torch.save file (its pickle stream is damaged)") from None
         if not trust_pickle:
             raise ValueError(
                 f"{path} is a pickled object (a whole nn.Module?) and unpickling runs code from the file; "
@@ -194,7 +197,7 @@ def open_model(
         if arch is not None:
             raise ValueError(f"{file} records its architecture ({spec.arch}); drop --arch")
         return OpenedModel(model_file.load(file, trust_builder=trust_builder), LGCONV, spec=spec)
-    if arch is not None and kind != "torch.save":
+    if arch is not None and kind != TORCH_SAVE:
         raise ValueError(f"--arch is for plain state dicts, and {file} is a {kind}; drop --arch")
     if kind == EXPORTED:
         return _load_exported(file)

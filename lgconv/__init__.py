@@ -31,3 +31,4 @@ __all__ = [
     "plan",
     "save",
 ]
+from lgconv import models  # noqa: E402  (presets use the passes above)

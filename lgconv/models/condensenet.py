@@ -1,0 +1,278 @@
+"""CondenseNet (Huang et al., CVPR 2018): a DenseNet whose 1x1 convolutions learn their groups.
+
+The network itself is a plain DenseNet-style model (layer, block, network, then preset builders,
+as torchvision's ``densenet.py``). The builders turn it into a CondenseNet the way a user would
+turn their own model into one: ``lgconv.condensify`` makes the 1x1 convolutions learned group
+convolutions (the paper's ``o % G`` layout, so finalize restores the channel order with a
+permutation), and a second, opt-in Linear pass condenses the classifier to half its inputs as a
+scheduled stage, so ``lgconv.finalize`` is exact for the whole network.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import lgconv
+from lgconv.models.registry import register_model
+
+CIFAR_GROWTH = (8, 16, 32)
+IMAGENET_STAGES = (4, 6, 8, 10, 8)
+IMAGENET_GROWTH = (8, 16, 32, 64, 128)
+_BOTTLENECKS = "features.*.conv1"  # the 1x1 convolution of every dense layer
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-(dropout)-1x1 conv to ``bottleneck * growth``, BN-ReLU-3x3 grouped conv to ``growth``.
+
+    The ``growth`` new channels are concatenated to the input (dense connectivity).
+    """
+
+    def __init__(
+        self, in_channels: int, growth: int, *, bottleneck: int, groups: int, drop_rate: float
+    ) -> None:
+        super().__init__()
+        width = bottleneck * growth
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(width)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, growth, kernel_size=3, padding=1, groups=groups, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        new = self.conv1(self.drop(self.relu1(self.norm1(x))))
+        new = self.conv2(self.relu2(self.norm2(new)))
+        return torch.cat([x, new], 1)
+
+
+class DenseBlock(nn.Sequential):
+    """``num_layers`` dense layers of one growth rate; the output has ``in + num_layers * growth`` channels."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        in_channels: int,
+        growth: int,
+        *,
+        bottleneck: int,
+        groups: int,
+        drop_rate: float,
+    ) -> None:
+        super().__init__()
+        for i in range(num_layers):
+            layer = DenseLayer(
+                in_channels + i * growth, growth, bottleneck=bottleneck, groups=groups, drop_rate=drop_rate
+            )
+            self.add_module(f"denselayer{i + 1}", layer)
+
+
+class CondenseNet(nn.Module):
+    """The DenseNet-style backbone of CondenseNet, before its 1x1 convolutions learn groups.
+
+    Growth changes per block (exponentially increasing in the presets) and blocks are joined by
+    2x2 average pooling only, so every block sees all earlier features. ``groups`` is the group
+    count of the 3x3 convolutions; the builders condensify the 1x1 convolutions with the same G.
+
+    Args:
+        stages: dense layers per block.
+        growth: growth rate per block (same length as ``stages``).
+        num_classes: outputs of the linear classifier.
+        groups: groups of every 3x3 convolution (1: dense).
+        bottleneck: the 1x1 convolution widens to ``bottleneck * growth`` channels.
+        stem_stride: stride of the 3x3 stem (1 for CIFAR, 2 for ImageNet).
+        drop_rate: dropout before every 1x1 convolution.
+        in_chans: input image channels.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[int],
+        growth: Sequence[int],
+        *,
+        num_classes: int = 10,
+        groups: int = 4,
+        bottleneck: int = 4,
+        stem_stride: int = 1,
+        drop_rate: float = 0.0,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        if len(stages) != len(growth) or not stages:
+            raise ValueError(
+                f"stages {tuple(stages)} and growth {tuple(growth)} need the same, non-zero length"
+            )
+        channels = 2 * growth[0]
+        self.features = nn.Sequential()
+        self.features.add_module(
+            "conv0", nn.Conv2d(in_chans, channels, kernel_size=3, stride=stem_stride, padding=1, bias=False)
+        )
+        for i, (num_layers, rate) in enumerate(zip(stages, growth)):
+            if i > 0:
+                self.features.add_module(f"transition{i}", nn.AvgPool2d(kernel_size=2, stride=2))
+            block = DenseBlock(
+                num_layers, channels, rate, bottleneck=bottleneck, groups=groups, drop_rate=drop_rate
+            )
+            self.features.add_module(f"denseblock{i + 1}", block)
+            channels += num_layers * rate
+        self.features.add_module("norm_final", nn.BatchNorm2d(channels))
+        self.features.add_module("relu_final", nn.ReLU(inplace=True))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+        self.num_features = channels
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def condense_network(
+    model: CondenseNet, *, groups: int, condense_factor: int, classifier_condense_factor: int
+) -> CondenseNet:
+    """Make the 1x1 convolutions learned group convolutions and the classifier a learned (G=1) linear.
+
+    Only lgconv's public passes are used. A factor of 1 leaves those layers dense.
+    """
+    if condense_factor > 1:
+        decisions = lgconv.plan(model, groups, condense_factor, include=_BOTTLENECKS, layout="interleaved")
+        refused = [d for d in decisions.skipped if fnmatch.fnmatchcase(d.name, _BOTTLENECKS)]
+        if refused:
+            first = refused[0]
+            raise ValueError(
+                f"cannot condense {first.name} with groups={groups}, condense_factor={condense_factor}: "
+                f"{first.reason}; pick groups and factor that divide every layer's channels"
+            )
+        lgconv.condensify(model, groups, condense_factor, include=_BOTTLENECKS, layout="interleaved")
+    if classifier_condense_factor > 1:
+        lgconv.condensify(
+            model, groups=1, condense_factor=classifier_condense_factor, include="classifier", linear=True
+        )
+    return model
+
+
+def _build(
+    name: str,
+    arch_kwargs: dict[str, Any],
+    stages: Sequence[int],
+    growth: Sequence[int],
+    image_size: int,
+    *,
+    stem_stride: int,
+    num_classes: int,
+    groups: int = 4,
+    condense_factor: int | None = None,
+    classifier_condense_factor: int = 2,
+    bottleneck: int = 4,
+    drop_rate: float = 0.0,
+    in_chans: int = 3,
+) -> CondenseNet:
+    """A condensified CondenseNet that records how ``lgconv.save`` / ``lgconv.load`` rebuild it."""
+    model = CondenseNet(
+        stages,
+        growth,
+        num_classes=num_classes,
+        groups=groups,
+        bottleneck=bottleneck,
+        stem_stride=stem_stride,
+        drop_rate=drop_rate,
+        in_chans=in_chans,
+    )
+    condense_network(
+        model,
+        groups=groups,
+        condense_factor=groups if condense_factor is None else condense_factor,
+        classifier_condense_factor=classifier_condense_factor,
+    )
+    model.lgconv_arch = {"name": name, "kwargs": arch_kwargs}
+    model.default_input_size = (in_chans, image_size, image_size)
+    return model
+
+
+def _cifar(
+    name: str, stages: Sequence[int], growth: Sequence[int], num_classes: int, kwargs: Any
+) -> CondenseNet:
+    arch_kwargs = {"num_classes": num_classes, **kwargs}
+    return _build(name, arch_kwargs, stages, growth, 32, stem_stride=1, num_classes=num_classes, **kwargs)
+
+
+@register_model
+def condensenet50(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-50 (CIFAR): 8-8-8 layers, growth 8-16-32; paper 0.22M params, 28.6M FLOPs.
+
+    Keyword options of every preset: ``groups`` (G, default 4), ``condense_factor`` (C, default G;
+    1 keeps the 1x1 convs dense), ``classifier_condense_factor`` (default 2; 1 keeps it dense),
+    ``bottleneck`` (4), ``drop_rate`` (0), ``in_chans`` (3). The dense DenseNet-style baseline is
+    ``groups=1, condense_factor=1, classifier_condense_factor=1``.
+    """
+    return _cifar("condensenet50", (8, 8, 8), CIFAR_GROWTH, num_classes, kwargs)
+
+
+@register_model
+def condensenet74(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-74 (CIFAR): 12-12-12 layers, growth 8-16-32; paper 0.41M params, 51.9M FLOPs."""
+    return _cifar("condensenet74", (12, 12, 12), CIFAR_GROWTH, num_classes, kwargs)
+
+
+@register_model
+def condensenet86(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-86 (CIFAR): 14-14-14 layers, growth 8-16-32; paper 0.52M params, 65.8M FLOPs."""
+    return _cifar("condensenet86", (14, 14, 14), CIFAR_GROWTH, num_classes, kwargs)
+
+
+@register_model
+def condensenet98(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-98 (CIFAR): 16-16-16 layers, growth 8-16-32; paper 0.65M params, 81.3M FLOPs."""
+    return _cifar("condensenet98", (16, 16, 16), CIFAR_GROWTH, num_classes, kwargs)
+
+
+@register_model
+def condensenet110(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-110 (CIFAR): 18-18-18 layers, growth 8-16-32; paper 0.79M params, 98.2M FLOPs."""
+    return _cifar("condensenet110", (18, 18, 18), CIFAR_GROWTH, num_classes, kwargs)
+
+
+@register_model
+def condensenet122(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-122 (CIFAR): 20-20-20 layers, growth 8-16-32; paper 0.95M params, 116.7M FLOPs."""
+    return _cifar("condensenet122", (20, 20, 20), CIFAR_GROWTH, num_classes, kwargs)
+
+
+@register_model
+def condensenet182(num_classes: int = 10, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-182 (CIFAR): 30-30-30 layers, growth 12-24-48; paper 4.2M params, 513M FLOPs."""
+    return _cifar("condensenet182", (30, 30, 30), (12, 24, 48), num_classes, kwargs)
+
+
+@register_model
+def condensenet74_imagenet(groups: int = 4, num_classes: int = 1000, **kwargs: Any) -> CondenseNet:
+    """CondenseNet-74 (ImageNet, 224x224): 4-6-8-10-8 layers, growth 8-16-32-64-128, G = C = ``groups``.
+
+    Paper: G=C=4 4.8M params, 529M FLOPs; G=C=8 2.9M params, 274M FLOPs.
+    """
+    arch_kwargs = {"groups": groups, "num_classes": num_classes, **kwargs}
+    return _build(
+        "condensenet74_imagenet",
+        arch_kwargs,
+        IMAGENET_STAGES,
+        IMAGENET_GROWTH,
+        224,
+        stem_stride=2,
+        num_classes=num_classes,
+        groups=groups,
+        **kwargs,
+    )

@@ -31,4 +31,4 @@ __all__ = [
     "plan",
     "save",
 ]
-from lgconv import models  # noqa: E402  (presets use the passes above)
+from lgconv import models  # noqa: E402, F401  (last: the presets are built with the passes above)

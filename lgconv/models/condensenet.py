@@ -52,7 +52,7 @@ class DenseLayer(nn.Module):
 
 
 class DenseBlock(nn.Sequential):
-    """``num_layers`` dense layers of one growth rate; the output has ``in + num_layers * growth`` channels."""
+    """``num_layers`` dense layers of one growth rate: ``in + num_layers * growth`` channels out."""
 
     def __init__(
         self,

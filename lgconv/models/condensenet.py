@@ -107,6 +107,12 @@ class CondenseNet(nn.Module):
             raise ValueError(
                 f"stages {tuple(stages)} and growth {tuple(growth)} need the same, non-zero length"
             )
+        for rate in growth:
+            if rate % groups or (bottleneck * rate) % groups:
+                raise ValueError(
+                    f"groups={groups} must divide the growth rate {rate} and bottleneck width "
+                    f"{bottleneck * rate} of every block; pick groups that divide {tuple(growth)}"
+                )
         channels = 2 * growth[0]
         self.features = nn.Sequential()
         self.features.add_module(

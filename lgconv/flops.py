@@ -475,7 +475,7 @@ def count_flops(
                     )
                     raise ValueError(
                         f"{type(model).__name__} failed on an input of shape {shapes} ({reason}); "
-                        "pass the input size the model accepts"
+                        "pass an input size the model accepts (CLI: --input-size C H W)"
                     ) from fvcore_error
                 counter, fallback_reason = TORCH_COUNTER, _first_line(fvcore_error)
     finally:

@@ -116,7 +116,7 @@ def test_pickled_modules_load_only_when_trusted(files) -> None:
         (("flops", "{tmp}/missing.pt"), "does not exist"),
         (("flops", "{junk}"), "not a model file lgconv reads"),
         (("flops", "{truncated}"), "corrupt or truncated"),
-        (("flops", "{masked}", "--input-size", "1", "32", "32"), "pass the input size the model accepts"),
+        (("flops", "{masked}", "--input-size", "1", "32", "32"), "an input size the model accepts"),
         (("flops", "{sd}", "--arch", "timm:no_such_net"), "unknown timm architecture"),
         (("flops", "{sd}", "--arch", "resnet18"), "not of the form"),
         (("flops", "{sd}"), "pass --arch"),

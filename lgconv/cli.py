@@ -206,21 +206,26 @@ def plan_command(
 ) -> None:
     """Dry-run condensify on an architecture: what each layer becomes, FLOPs before and after.
 
+    Layers the architecture already has as learned group layers (lgconv presets) count as condensed.
+
     \b
     Examples:
       lgconv plan --arch timm:resnet50
       lgconv plan --arch timm:resnet50 --groups 8 --condense-factor 4 --exclude 'layer4.*'
+      lgconv plan --arch lgconv:condensenet86 --convention paper
     """
     model = model_file.build_arch(arch, trust_builder=trust_builder).eval()
     options = dict(include=include or None, exclude=exclude or None, layout=layout, linear=linear)
     decisions = plan(model, groups, condense_factor, **options)
     click.echo(decisions.table())
-    if not decisions.eligible:
+    condensed = copy.deepcopy(model)
+    if decisions.eligible:
+        condensed = condensify(condensed, groups, condense_factor, **options)
+    if not any(isinstance(m, LearnedGroupMixin) for m in condensed.modules()):
         return
     declared = default_input_size(model)
     size = tuple(input_size or declared or DEFAULT_INPUT_SIZE)
-    condensed = _condense_fully(condensify(copy.deepcopy(model), groups, condense_factor, **options))
-    report = _count(condensed, (1, *size), convention)
+    report = _count(_condense_fully(condensed), (1, *size), convention)
     source = "from --input-size" if input_size else "declared by the model" if declared else "default"
     click.echo(
         f"FLOPs (multiply-adds, input 1x{'x'.join(map(str, size))} {source}, {report.convention} convention, "

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from helpers import condense_all, perturb_
 
 import lgconv
+import lgconv.models
 from lgconv.cli import main
 from lgconv.layers import CondensedConv2d
 
@@ -212,3 +213,16 @@ def test_the_installed_console_script_runs(files) -> None:
     assert json.loads(done.stdout)["input_shapes"] == [[1, 3, 32, 32]]
     done = subprocess.run([script, "flops", str(files["junk"])], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and not done.stdout
+
+
+def test_condensenet_preset_plan_matches_the_paper_and_its_file_counts_at_32(tmp_path: Path) -> None:
+    code, out, err = run("plan", "--arch", "lgconv:condensenet50", "--convention", "paper")
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("FLOPs"))
+    after = int(re.search(r"-> ([\d,]+) after", line).group(1).replace(",", ""))
+    assert abs(after - 28.6e6) / 28.6e6 < 0.01  # CondenseNet-50: 28.6M in the paper's table
+    model = lgconv.models.create_model("condensenet50")
+    lgconv.save(condense_all(model), tmp_path / "cn50.pt")
+    report = json_report(tmp_path / "cn50.pt", "--convention", "paper")
+    assert report["input_shapes"] == [[1, 3, 32, 32]] and report["input_source"] == "recorded in the file"
+    assert report["total"] == after

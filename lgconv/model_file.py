@@ -42,6 +42,17 @@ class LayerRecord:
     state: dict[str, Any] = field(default_factory=dict)
 
 
+def _checked_dtype(name: Any) -> str | None:
+    """A floating torch dtype name from the spec, refusing anything else (never getattr an arbitrary name)."""
+    if name is None:
+        return None
+    if not isinstance(name, str) or not isinstance(getattr(torch, name, None), torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    if not getattr(torch, name).is_floating_point:
+        raise ValueError(f"dtype {name!r} is not floating point")
+    return name
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What is needed besides the weights to rebuild a saved model."""
@@ -51,6 +62,7 @@ class ModelSpec:
     layers: tuple[LayerRecord, ...]
     input_size: tuple[int, ...] | None = None
     training: bool = False
+    dtype: str | None = None  # the floating dtype of every weight, when not float32
     version: int = VERSION
 
     def to_json(self) -> str:
@@ -62,6 +74,7 @@ class ModelSpec:
                 "arch_kwargs": self.arch_kwargs,
                 "input_size": list(self.input_size) if self.input_size else None,
                 "training": self.training,
+                "dtype": self.dtype,
                 "layers": [
                     {"names": list(r.names), "type": r.type, "config": r.config, "state": r.state}
                     for r in self.layers
@@ -92,6 +105,7 @@ class ModelSpec:
                 layers=layers,
                 input_size=tuple(int(s) for s in size) if size else None,
                 training=bool(data.get("training", False)),
+                dtype=_checked_dtype(data.get("dtype")),
                 version=int(data["version"]),
             )
         except ValueError as error:
@@ -373,7 +387,10 @@ def save(
             f"arch_kwargs must be JSON values (numbers, strings, lists, dicts), got {kwargs}"
         ) from None
     size = tuple(int(s) for s in input_size) if input_size is not None else default_input_size(model)
-    spec = ModelSpec(name, kwargs, layer_records(model), size, training=model.training)
+    floating = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+    dtype = str(floating.pop()).removeprefix("torch.") if len(floating) == 1 else None
+    dtype = None if dtype == "float32" else dtype
+    spec = ModelSpec(name, kwargs, layer_records(model), size, training=model.training, dtype=dtype)
     _structure_check(model, spec)
     data = serialize(_tensors(model), metadata={"format": "pt", METADATA_KEY: spec.to_json()})
     return write_atomic(path, data)
@@ -467,6 +484,8 @@ def load(path: str | os.PathLike[str], *, trust_builder: bool = False) -> nn.Mod
     model = _replace_layers(
         build_arch(spec.arch, spec.arch_kwargs, trust_builder=trust_builder), spec.layers, str(path)
     )
+    if spec.dtype is not None:
+        model = model.to(getattr(torch, spec.dtype))
     load_weights(model, tensors, f"{spec.arch} as recorded in {path}")
     if spec.input_size is not None:
         model.default_input_size = spec.input_size

@@ -224,7 +224,17 @@ def test_spec_problems_are_named(tmp_path: Path) -> None:
         lgconv.load(write({**spec, "layers": [{**spec["layers"][0], "type": "FancyConv"}]}))
     with pytest.raises(ValueError, match="corrupt lgconv spec"):
         lgconv.load(write({k: v for k, v in spec.items() if k != "arch"}))
+    with pytest.raises(ValueError, match="unknown dtype 'system'"):
+        lgconv.load(write({**spec, "dtype": "system"}))
     with pytest.raises(ValueError, match="do not fit"):
         lgconv.load(write({**spec, "arch_kwargs": {"num_classes": 8}}))
     with pytest.raises(ValueError, match="would run code"):
         lgconv.load(write({**spec, "arch": "os:system", "arch_kwargs": {"command": "true"}}))
+
+
+def test_half_precision_models_come_back_in_their_dtype(tmp_path: Path) -> None:
+    model = lgconv.finalize(timm_model(stage=None)).to(torch.bfloat16)
+    loaded = lgconv.load(lgconv.save(model, tmp_path / "bf16.pt"))
+    assert model_file.read_spec(tmp_path / "bf16.pt").dtype == "bfloat16"
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert_same_outputs(model, loaded, torch.randn(1, 3, 32, 32, dtype=torch.bfloat16))

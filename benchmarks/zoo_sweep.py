@@ -57,6 +57,7 @@ class Settings:
     max_params: float
     timeout: int
     rtol: float
+    linear: bool = False
 
 
 class Timeout(Exception):
@@ -135,8 +136,17 @@ def first_tensor(output: Any) -> Tensor:
 def count_flops(model: nn.Module, x: Tensor) -> int:
     """FLOPs of one eval forward, by torch.utils.flop_counter (grouped convs counted per group)."""
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
+    # Parameters that are fed to a submodule as its input (a ViT's register tokens) make the
+    # counter's module tracker look for a gradient function; without requires_grad it does not.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for parameter in trainable:
+            parameter.requires_grad_(False)
+        with counter, torch.no_grad():
+            model(x)
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     return counter.get_total_flops()
 
 
@@ -164,7 +174,7 @@ def predicted_drop(model: nn.Module, names: list[str], x: Tensor, condense_facto
     return dense, removed[0]
 
 
-def survey(key: str, groups: int) -> dict[str, Any]:
+def survey(key: str, groups: int, linear: bool = False) -> dict[str, Any]:
     """Parameter count and condensify plan of ``key`` from a meta-device build (no memory used)."""
     record: dict[str, Any] = {"model": key}
     try:
@@ -172,7 +182,7 @@ def survey(key: str, groups: int) -> dict[str, Any]:
     except Exception:  # some builders refuse the meta device; the real build is tried later
         return record
     record["params"] = sum(p.numel() for p in model.parameters())
-    decisions = lgconv.plan(model, groups)
+    decisions = lgconv.plan(model, groups, linear=linear)
     record["eligible"] = len(decisions.eligible)
     record["layers"] = len(decisions.decisions)
     reasons = Counter(d.reason.split(":")[0].split(" (")[0] for d in decisions.skipped)
@@ -213,7 +223,7 @@ def verdict_from_survey(record: dict[str, Any], settings: Settings) -> dict[str,
 def check(key: str, settings: Settings, surveyed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Condensify, train one step with the scheduler to its end, finalize and compare one model."""
     torch.manual_seed(0)
-    record = dict(surveyed) if surveyed is not None else survey(key, settings.groups)
+    record = dict(surveyed) if surveyed is not None else survey(key, settings.groups, settings.linear)
     verdict = verdict_from_survey(record, settings)
     if verdict is not None:
         return verdict
@@ -240,14 +250,14 @@ def _check_real(key: str, settings: Settings) -> dict[str, Any]:
             "reason": f"{record['params'] / 1e6:.0f}M parameters > --max-params",
         }
     x, record["input"] = _run_dense(key, model, settings.input_size)
-    decisions = lgconv.plan(model, settings.groups)
+    decisions = lgconv.plan(model, settings.groups, linear=settings.linear)
     names = [d.name for d in decisions.eligible]
     record["eligible"] = len(names)
     if not names:
         return {**record, "status": "no eligible layer", "reason": "no eligible layer"}
     dense_flops, removed = predicted_drop(model, names, x[:1], decisions.condense_factor)
 
-    model = lgconv.condensify(model, settings.groups)
+    model = lgconv.condensify(model, settings.groups, linear=settings.linear)
     layers = [m for m in model.modules() if isinstance(m, LearnedGroupMixin)]
     record["condensed"] = len(layers)
     scheduler = lgconv.CondensationScheduler(model, total_steps=2, lasso=1e-5)
@@ -336,7 +346,8 @@ def render(records: list[dict[str, Any]], totals: dict[str, int], settings: Sett
         "",
         "Every timm architecture (`timm.list_models()`, `pretrained=False`) and every torchvision",
         "classification model, condensified with `groups=condense_factor="
-        f"{settings.groups}`, trained one step (SGD, batch 2) while the",
+        f"{settings.groups}`{', linear=True' if settings.linear else ''}, trained one step (SGD, batch 2)",
+        "while the",
         "`CondensationScheduler` runs to its end, finalized, and checked: the finalized model's output",
         f"equals the masked model's in eval mode (max |difference| <= {settings.rtol:g} x max(|output|, 1),",
         "float32), and the FLOPs (`torch.utils.flop_counter`) drop by exactly what the plan predicts from",
@@ -425,6 +436,7 @@ def select(names: list[str], pattern: str | None, shard: str | None, limit: int 
 @click.option("--shard", help="I/N: check every N-th model starting at the I-th (parallel runs).")
 @click.option("--groups", type=int, default=4, show_default=True, help="groups = condense_factor.")
 @click.option("--input-size", type=int, default=64, show_default=True, help="Preferred square input.")
+@click.option("--linear", is_flag=True, help="Condense Linear layers too (condensify(linear=True)).")
 @click.option("--max-params", type=float, default=100e6, show_default=True, help="Skip larger models.")
 @click.option("--timeout", type=int, default=300, show_default=True, help="Seconds per model (0: none).")
 @click.option("--rtol", type=float, default=1e-4, show_default=True, help="Exactness tolerance.")
@@ -441,6 +453,7 @@ def main(
     shard: str | None,
     groups: int,
     input_size: int,
+    linear: bool,
     max_params: float,
     timeout: int,
     rtol: float,
@@ -452,7 +465,7 @@ def main(
 ) -> None:
     """Check every zoo model through condensify -> train -> finalize and write the coverage page."""
     torch.set_num_threads(1)
-    settings = Settings(groups, input_size, max_params, timeout, rtol)
+    settings = Settings(groups, input_size, max_params, timeout, rtol, linear)
     everything = list_models(SOURCES if source == "all" else (source,))
     names = list(SMOKE_MODELS) if smoke else select(everything, pattern, shard, limit)
     records = read_cache(cache)
@@ -461,7 +474,7 @@ def main(
     if not report_only:
         surveys = {}
         for key in tqdm([n for n in names if n not in records], desc="survey", unit="model", file=sys.stderr):
-            surveys[key] = survey(key, groups)
+            surveys[key] = survey(key, groups, linear)
             verdict = verdict_from_survey(surveys[key], settings)
             if verdict is not None:
                 records[key] = verdict
@@ -476,12 +489,12 @@ def main(
             append(cache, record)
             if record["status"] == "fail":
                 tqdm.write(f"FAIL {key}: {record['reason']}", file=sys.stderr)
-    shown = [records[n] for n in (names if smoke or limit else everything) if n in records]
+    shown = [records[n] for n in (names if smoke or limit or pattern else everything) if n in records]
     counts = Counter(r["status"] for r in shown)
     click.echo(f"{len(shown)} models: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES))
     if report:
         command = "python benchmarks/zoo_sweep.py " + " ".join(sys.argv[1:])
-        listed = names if smoke or limit else everything
+        listed = names if smoke or limit or pattern else everything
         totals = {s: sum(n.startswith(s + ":") for n in listed) for s in SOURCES}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render(shown, {s: n for s, n in totals.items() if n}, settings, command.strip()))

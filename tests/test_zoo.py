@@ -151,15 +151,19 @@ def test_exactness_check_detects_a_wrong_gather() -> None:
     assert not torch.allclose(corrupted, result["masked"], rtol=1e-5, atol=1e-5)
 
 
-def test_zoo_sweep_smoke_mode_writes_the_coverage_page(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``benchmarks/zoo_sweep.py --smoke`` checks a few tiny models and writes the page and its JSON."""
+@pytest.fixture
+def sweep(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """benchmarks/zoo_sweep.py imported as a module (benchmarks/ is not a package)."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "zoo_sweep.py"
     spec = importlib.util.spec_from_file_location("zoo_sweep", script)
-    sweep = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "zoo_sweep", sweep)  # dataclasses look their module up there
-    spec.loader.exec_module(sweep)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "zoo_sweep", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_zoo_sweep_smoke_mode_writes_the_coverage_page(sweep: Any, tmp_path: Path) -> None:
+    """``benchmarks/zoo_sweep.py --smoke`` checks a few tiny models and writes the page and its JSON."""
     out, cache = tmp_path / "coverage.md", tmp_path / "cache.jsonl"
     arguments = ["--smoke", "--out", str(out), "--cache", str(cache)]
     result = CliRunner().invoke(sweep.main, arguments)
@@ -174,3 +178,13 @@ def test_zoo_sweep_smoke_mode_writes_the_coverage_page(
     # A second run resumes from the cache: nothing is checked again.
     again = CliRunner().invoke(sweep.main, arguments)
     assert again.exit_code == 0 and len(cache.read_text().splitlines()) == len(records)
+
+
+def test_zoo_sweep_linear_mode_condenses_a_vit(sweep: Any, tmp_path: Path) -> None:
+    """With ``--linear`` a ViT's Linear layers are condensed and checked like convs."""
+    out = tmp_path / "coverage.md"
+    result = CliRunner().invoke(sweep.main, ["--linear", "--models", "timm:test_vit3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads(out.with_suffix(".json").read_text())
+    assert record["status"] == "pass" and record["condensed"] == record["eligible"] > 0
+    assert record["flop_reduction"] > 1.5

@@ -115,7 +115,7 @@ _TRUST_BUILDER = click.option(
 )
 
 
-@main.command()
+@main.command(short_help="FLOPs (multiply-adds) and parameters of a model file, dense vs effective.")
 @click.argument("model_file", type=click.Path(path_type=Path))
 @click.option(
     "--input-size", nargs=3, type=click.IntRange(min=1), help="Input C H W (default: from the file)."
@@ -179,7 +179,7 @@ def _condense_fully(model: nn.Module) -> nn.Module:
     return model
 
 
-@main.command("plan")
+@main.command("plan", short_help="Condensify dry run on an architecture, with FLOPs before and after.")
 @click.option(
     "--arch", required=True, help="Architecture: timm:NAME, lgconv:PRESET or package.module:function."
 )
@@ -235,7 +235,7 @@ def plan_command(
     click.echo(f"parameters: {report.dense_params:,} before -> {report.params:,} after")
 
 
-@main.command("finalize")
+@main.command("finalize", short_help="Finalize a saved condensified model into its inference form.")
 @click.argument("in_file", metavar="IN", type=click.Path(path_type=Path))
 @click.argument("out_file", metavar="OUT", type=click.Path(path_type=Path))
 @click.option("--allow-partial", is_flag=True, help="Finalize layers that have not finished condensing.")
@@ -303,7 +303,7 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
-@main.command()
+@main.command(short_help="Groups, factor, stage and density of every lgconv layer in a file.")
 @click.argument("model_file", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the file's spec as JSON.")
 def inspect(model_file: Path, as_json: bool) -> None:

@@ -30,6 +30,7 @@ METADATA_KEY = "lgconv"
 # because the spec would otherwise let a file call any importable function.
 TRUSTED_BUILDER_PACKAGES = ("timm", "torchvision", "lgconv")
 _SAFETENSORS_MAX_HEADER = 100_000_000
+_DATA_PARALLEL = ("DistributedDataParallel", "DataParallel")
 
 
 @dataclass(frozen=True)
@@ -356,6 +357,16 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     return target
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DDP, DataParallel or torch.compile wrappers (which prefix every state-dict key)."""
+    while True:
+        inner = model._modules.get("module") if type(model).__name__ in _DATA_PARALLEL else None
+        inner = inner if inner is not None else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def save(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -374,6 +385,7 @@ def save(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save needs an nn.Module, got {type(model).__name__}")
+    model = _unwrapped(model)
     if arch is None:
         name, inferred = _infer_arch(model)
     else:

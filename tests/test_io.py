@@ -238,3 +238,11 @@ def test_half_precision_models_come_back_in_their_dtype(tmp_path: Path) -> None:
     assert model_file.read_spec(tmp_path / "bf16.pt").dtype == "bfloat16"
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert_same_outputs(model, loaded, torch.randn(1, 3, 32, 32, dtype=torch.bfloat16))
+
+
+def test_wrapped_models_are_saved_as_the_model_inside(tmp_path: Path) -> None:
+    model = timm_model(stage=1)
+    wrapped = torch.compile(torch.nn.DataParallel(model))  # nothing runs: only the wrappers are peeled
+    loaded = lgconv.load(lgconv.save(wrapped, tmp_path / "wrapped.pt"))
+    assert model_file.read_spec(tmp_path / "wrapped.pt").arch == "timm:resnet18"
+    assert_same_outputs(model, loaded, torch.randn(1, 3, 32, 32))

@@ -240,8 +240,27 @@ def check(key: str, settings: Settings, surveyed: dict[str, Any] | None = None) 
     return record
 
 
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Redraw every parameter: weights uniform in +-1/sqrt(fan-in), 1-d parameters in [0.5, 1].
+
+    Initialisations that silence a branch (zero-init last batch norm, layer scale of 1e-6, a zero
+    head) would let a wrong finalized layer pass the exactness check unseen; these values do not.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.is_floating_point():
+                continue
+            noise = torch.rand(parameter.shape, generator=generator, dtype=parameter.dtype)
+            if parameter.dim() >= 2:
+                parameter.copy_((noise - 0.5) * 2 / parameter[0].numel() ** 0.5)
+            else:
+                parameter.copy_(noise * 0.5 + 0.5)
+    return model
+
+
 def _check_real(key: str, settings: Settings) -> dict[str, Any]:
-    model = build(key)
+    model = randomize_(build(key))
     record: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
     if record["params"] > settings.max_params:
         return {
@@ -444,7 +463,7 @@ def select(names: list[str], pattern: str | None, shard: str | None, limit: int 
 @click.option("--out", type=click.Path(path_type=Path), default=DOCS / "coverage.md", show_default=True)
 @click.option("--report/--no-report", default=True, help="Write the coverage page and its JSON.")
 @click.option("--report-only", is_flag=True, help="Only write the report from the cache.")
-@click.option("--retry-failed", is_flag=True, help="Check again the models the cache records as failed.")
+@click.option("--retry-failed", is_flag=True, help="Check again only the models the cache records as failed.")
 def main(
     source: str,
     pattern: str | None,
@@ -469,19 +488,22 @@ def main(
     everything = list_models(SOURCES if source == "all" else (source,))
     names = list(SMOKE_MODELS) if smoke else select(everything, pattern, shard, limit)
     records = read_cache(cache)
+    todo = [n for n in names if n not in records]
     if retry_failed:
-        records = {k: r for k, r in records.items() if r["status"] != "fail"}
+        todo = [n for n in names if n in records and records[n]["status"] == "fail"]
     if not report_only:
         surveys = {}
-        for key in tqdm([n for n in names if n not in records], desc="survey", unit="model", file=sys.stderr):
-            surveys[key] = survey(key, groups, linear)
-            verdict = verdict_from_survey(surveys[key], settings)
-            if verdict is not None:
+        for key in tqdm(todo, desc="survey", unit="model", file=sys.stderr):
+            surveyed = survey(key, groups, linear)
+            verdict = verdict_from_survey(surveyed, settings)
+            if verdict is None:
+                surveys[key] = surveyed
+            else:
                 records[key] = verdict
                 append(cache, verdict)
         # Smallest first, so a run cut short has covered as many models as it could.
-        todo = sorted((k for k in surveys if k not in records), key=lambda k: surveys[k].get("params", 0))
-        progress = tqdm(todo, desc="check", unit="model", file=sys.stderr)
+        checks = sorted(surveys, key=lambda k: surveys[k].get("params", 0))
+        progress = tqdm(checks, desc="check", unit="model", file=sys.stderr)
         for key in progress:
             progress.set_postfix_str(key)
             record = check(key, settings, surveys[key])

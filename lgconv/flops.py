@@ -265,8 +265,9 @@ def _count_with_torch(
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
+    """An error message on one line, shortened: for reports and one-line CLI errors."""
+    text = " ".join(str(error).split())
+    return (text[:197] + "...") if len(text) > 200 else text or type(error).__name__
 
 
 def _human(value: float) -> str:

@@ -230,3 +230,26 @@ def test_report_views_are_consistent_and_json_ready() -> None:
     assert "conv" in report.table(by="operator")
     with pytest.raises(ValueError, match="no module named"):
         report.by_operator("nope")
+
+
+class DictOutput(nn.Module):
+    """A model jit tracing rejects (a non-tensor output), so count_flops must fall back."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"logits": self.net(x), "version": 3}
+
+
+def test_fallback_counter_applies_the_lgconv_rules_too() -> None:
+    net = condense_all(lgconv.condensify(TinyConvNet(in_channels=3), groups=4), stage=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fallback = lgconv.count_flops(DictOutput(net), (3, 8, 8))
+        traced = lgconv.count_flops(net, (3, 8, 8))
+    assert fallback.counter == TORCH_COUNTER and "tracer" in fallback.fallback_reason
+    assert fallback.by_operator()["conv"] == traced.by_operator()["conv"]
+    assert fallback.by_module()["net.block.2"] == traced.by_module()["block.2"]
+    assert fallback.dense_total - fallback.total == traced.dense_total - traced.total > 0

@@ -13,6 +13,7 @@ from typing import Any
 import timm
 import torch
 import torchvision
+from helpers import perturb_
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -75,7 +76,12 @@ def planned_drop(model: nn.Module, names: list[str], x: Tensor, factor: int = GR
 
 
 def run_lifecycle(model: nn.Module, x: Tensor, **options: Any) -> dict[str, Any]:
-    """Condensify (``options`` go to condensify), train TOTAL_STEPS steps with the scheduler, finalize."""
+    """Condensify (``options`` go to condensify), train TOTAL_STEPS steps with the scheduler, finalize.
+
+    Parameters and buffers are redrawn first: zero-init or layer-scaled branches would otherwise
+    contribute next to nothing to the output and hide a wrong finalized layer.
+    """
+    perturb_(model)
     eligible = [d.name for d in lgconv.plan(model, GROUPS, **options).eligible]
     dense_flops = torch_flops(model, x[:1])
     removed = planned_drop(model, eligible, x[:1])

@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ class ModelSpec:
     input_size: tuple[int, ...] | None = None
     training: bool = False
     dtype: str | None = None  # the floating dtype of every weight, when not float32
+    # The state dict's per-module ``_metadata`` (versions some modules' loading depends on).
+    state_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     version: int = VERSION
 
     def to_json(self) -> str:
@@ -76,6 +79,7 @@ class ModelSpec:
                 "input_size": list(self.input_size) if self.input_size else None,
                 "training": self.training,
                 "dtype": self.dtype,
+                "state_metadata": self.state_metadata,
                 "layers": [
                     {"names": list(r.names), "type": r.type, "config": r.config, "state": r.state}
                     for r in self.layers
@@ -107,6 +111,7 @@ class ModelSpec:
                 input_size=tuple(int(s) for s in size) if size else None,
                 training=bool(data.get("training", False)),
                 dtype=_checked_dtype(data.get("dtype")),
+                state_metadata={str(k): dict(v) for k, v in (data.get("state_metadata") or {}).items()},
                 version=int(data["version"]),
             )
         except ValueError as error:
@@ -321,6 +326,16 @@ def _structure_check(model: nn.Module, spec: ModelSpec) -> None:
         )
 
 
+def _json_metadata(metadata: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """The JSON-representable part of a state dict's ``_metadata`` (module versions)."""
+    kept: dict[str, dict[str, Any]] = {}
+    for prefix, entries in (metadata or {}).items():
+        values = {k: v for k, v in entries.items() if isinstance(v, (int, float, str, bool))}
+        if values:
+            kept[prefix] = values
+    return kept
+
+
 def _tensors(model: nn.Module) -> dict[str, Tensor]:
     """The state dict as contiguous CPU tensors, tied tensors copied (safetensors refuses shared memory)."""
     seen: set[int] = set()
@@ -399,10 +414,18 @@ def save(
             f"arch_kwargs must be JSON values (numbers, strings, lists, dicts), got {kwargs}"
         ) from None
     size = tuple(int(s) for s in input_size) if input_size is not None else default_input_size(model)
-    floating = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+    state = model.state_dict()
+    floating = {t.dtype for t in state.values() if t.is_floating_point()}
     dtype = str(floating.pop()).removeprefix("torch.") if len(floating) == 1 else None
-    dtype = None if dtype == "float32" else dtype
-    spec = ModelSpec(name, kwargs, layer_records(model), size, training=model.training, dtype=dtype)
+    spec = ModelSpec(
+        name,
+        kwargs,
+        layer_records(model),
+        size,
+        training=model.training,
+        dtype=None if dtype == "float32" else dtype,
+        state_metadata=_json_metadata(getattr(state, "_metadata", None)),
+    )
     _structure_check(model, spec)
     data = serialize(_tensors(model), metadata={"format": "pt", METADATA_KEY: spec.to_json()})
     return write_atomic(path, data)
@@ -498,7 +521,9 @@ def load(path: str | os.PathLike[str], *, trust_builder: bool = False) -> nn.Mod
     )
     if spec.dtype is not None:
         model = model.to(getattr(torch, spec.dtype))
-    load_weights(model, tensors, f"{spec.arch} as recorded in {path}")
+    state = OrderedDict(tensors)
+    state._metadata = spec.state_metadata  # type: ignore[attr-defined]
+    load_weights(model, state, f"{spec.arch} as recorded in {path}")
     if spec.input_size is not None:
         model.default_input_size = spec.input_size
     return model.train(spec.training)

@@ -246,3 +246,15 @@ def test_wrapped_models_are_saved_as_the_model_inside(tmp_path: Path) -> None:
     loaded = lgconv.load(lgconv.save(wrapped, tmp_path / "wrapped.pt"))
     assert model_file.read_spec(tmp_path / "wrapped.pt").arch == "timm:resnet18"
     assert_same_outputs(model, loaded, torch.randn(1, 3, 32, 32))
+
+
+def test_module_versions_of_the_state_dict_survive(tmp_path: Path) -> None:
+    """torchvision's MNASNet refuses weights without the version its state dict carries."""
+    model = torchvision.models.mnasnet0_5(num_classes=4)
+    lgconv.condensify(model, groups=2)
+    perturb_(condense_all(model, stage=1)).eval()
+    path = lgconv.save(
+        model, tmp_path / "mnas.pt", arch=torchvision.models.mnasnet0_5, arch_kwargs={"num_classes": 4}
+    )
+    assert model_file.read_spec(path).state_metadata[""]["version"] == 2
+    assert_same_outputs(model, lgconv.load(path), torch.randn(1, 3, 32, 32))

@@ -68,18 +68,9 @@ SLOW = [
     ("torchvision", "googlenet", {}),
 ]
 
-# Failures understood and owned elsewhere; strict=False so the fix is not a test failure.
-KNOWN_FAILURES = {
-    "mnasnet0_5": pytest.mark.xfail(
-        raises=ValueError,
-        strict=False,
-        reason="lgconv.load: torchvision MNASNet refuses a state dict without its _metadata version",
-    ),
-}
-
 
 def cases(entries: list[tuple[str, str, dict[str, Any]]]) -> list[Any]:
-    return [pytest.param(s, n, k, id=f"{s}:{n}", marks=KNOWN_FAILURES.get(n, ())) for s, n, k in entries]
+    return [pytest.param(s, n, k, id=f"{s}:{n}") for s, n, k in entries]
 
 
 def check_model(source: str, name: str, kwargs: dict[str, Any], tmp_path: Any) -> None:

@@ -45,6 +45,7 @@ from lgconv.layers.learned_group import LearnedGroupMixin
 SOURCES = ("timm", "torchvision")
 SMOKE_MODELS = ("timm:test_resnet", "timm:test_efficientnet", "timm:test_vit", "torchvision:squeezenet1_1")
 STATUSES = ("pass", "fail", "no eligible layer", "skipped")
+SURVEYED = "surveyed"  # cache-only status: surveyed, check not done yet
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -224,6 +225,7 @@ def check(key: str, settings: Settings, surveyed: dict[str, Any] | None = None) 
     """Condensify, train one step with the scheduler to its end, finalize and compare one model."""
     torch.manual_seed(0)
     record = dict(surveyed) if surveyed is not None else survey(key, settings.groups, settings.linear)
+    record.pop("status", None)
     verdict = verdict_from_survey(record, settings)
     if verdict is not None:
         return verdict
@@ -491,17 +493,21 @@ def main(
     settings = Settings(groups, input_size, max_params, timeout, rtol, linear)
     everything = list_models(SOURCES if source == "all" else (source,))
     names = list(SMOKE_MODELS) if smoke else select(everything, pattern, shard, limit)
-    records = read_cache(cache)
-    todo = [n for n in names if n not in records]
+    cached = read_cache(cache)
+    # A survey is cached as status "surveyed" until its check lands, so a resumed run skips it.
+    records = {k: r for k, r in cached.items() if r["status"] != SURVEYED}
+    surveys = {k: r for k, r in cached.items() if r["status"] == SURVEYED and k in names}
+    todo = [n for n in names if n not in cached]
     if retry_failed:
         todo = [n for n in names if n in records and records[n]["status"] == "fail"]
-    if not report_only:
         surveys = {}
+    if not report_only:
         for key in tqdm(todo, desc="survey", unit="model", file=sys.stderr):
             surveyed = survey(key, groups, linear)
             verdict = verdict_from_survey(surveyed, settings)
             if verdict is None:
-                surveys[key] = surveyed
+                surveys[key] = {**surveyed, "status": SURVEYED}
+                append(cache, surveys[key])
             else:
                 records[key] = verdict
                 append(cache, verdict)

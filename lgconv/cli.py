@@ -103,6 +103,23 @@ def _count(module: nn.Module, shape: tuple[int, ...], convention: str) -> FlopRe
         return count_flops(module, shape[1:], batch_size=shape[0], convention=convention)
 
 
+def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(f"{value!r} is not a JSON object; write e.g. '{{\"num_classes\": 10}}'")
+    return parsed
+
+
+_ARCH_KWARGS = click.option(
+    "--arch-kwargs",
+    callback=_json_object,
+    help="Builder keyword arguments as JSON, e.g. '{\"num_classes\": 10}'.",
+)
 _TRUST_PICKLE = click.option(
     "--trust-pickle",
     is_flag=True,
@@ -127,7 +144,10 @@ _TRUST_BUILDER = click.option(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--convention", type=click.Choice(CONVENTIONS), default="fvcore", show_default=True)
-@click.option("--arch", help="Architecture of a plain state dict: timm:NAME or lgconv:PRESET.")
+@click.option(
+    "--arch", help="Architecture of a plain state dict: timm:NAME, lgconv:PRESET or module:function."
+)
+@_ARCH_KWARGS
 @_TRUST_PICKLE
 @_TRUST_BUILDER
 def flops(
@@ -139,6 +159,7 @@ def flops(
     as_json: bool,
     convention: str,
     arch: str | None,
+    arch_kwargs: dict[str, Any] | None,
     trust_pickle: bool,
     trust_builder: bool,
 ) -> None:
@@ -152,9 +173,10 @@ def flops(
       lgconv flops model.pt
       lgconv flops model.pt --input-size 3 32 32 --by operator
       lgconv flops resnet18_weights.pth --arch timm:resnet18 --json
+      lgconv flops weights.pth --arch torchvision.models:resnet18 --arch-kwargs '{"num_classes": 10}'
     """
     opened = model_formats.open_model(
-        model_file, arch=arch, trust_pickle=trust_pickle, trust_builder=trust_builder
+        model_file, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, trust_builder=trust_builder
     )
     shape, source = _input_shape(opened, input_size, batch)
     report = _count(opened.module, shape, convention)
@@ -191,6 +213,7 @@ def _condense_fully(model: nn.Module) -> nn.Module:
 @click.option("--linear", is_flag=True, help="Condense Linear layers too.")
 @click.option("--input-size", nargs=3, type=click.IntRange(min=1), help="Input C H W for the FLOP count.")
 @click.option("--convention", type=click.Choice(CONVENTIONS), default="fvcore", show_default=True)
+@_ARCH_KWARGS
 @_TRUST_BUILDER
 def plan_command(
     arch: str,
@@ -202,6 +225,7 @@ def plan_command(
     linear: bool,
     input_size: tuple[int, ...] | None,
     convention: str,
+    arch_kwargs: dict[str, Any] | None,
     trust_builder: bool,
 ) -> None:
     """Dry-run condensify on an architecture: what each layer becomes, FLOPs before and after.
@@ -214,7 +238,7 @@ def plan_command(
       lgconv plan --arch timm:resnet50 --groups 8 --condense-factor 4 --exclude 'layer4.*'
       lgconv plan --arch lgconv:condensenet86 --convention paper
     """
-    model = model_file.build_arch(arch, trust_builder=trust_builder).eval()
+    model = model_file.build_arch(arch, arch_kwargs, trust_builder=trust_builder).eval()
     options = dict(include=include or None, exclude=exclude or None, layout=layout, linear=linear)
     decisions = plan(model, groups, condense_factor, **options)
     click.echo(decisions.table())

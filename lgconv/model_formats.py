@@ -7,6 +7,7 @@ modules, which load only when the caller trusts the file, because unpickling run
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import warnings
@@ -92,19 +93,31 @@ def _as_state_dict(obj: Any) -> dict[str, Tensor] | None:
     return None
 
 
-def _with_arch(state: dict[str, Tensor], path: Path, arch: str | None, trust_builder: bool) -> nn.Module:
-    if arch is None:
+@dataclass(frozen=True)
+class _Arch:
+    """How to build the model a plain state dict belongs to."""
+
+    name: str | None
+    kwargs: dict[str, Any]
+    trust_builder: bool
+
+
+def _with_arch(state: dict[str, Tensor], path: Path, arch: _Arch) -> nn.Module:
+    if arch.name is None:
         raise ValueError(
             f"{path} is a plain state dict, which does not say its architecture; pass --arch timm:NAME "
             "or --arch lgconv:PRESET (or save the model with lgconv.save)"
         )
-    model = model_file.build_arch(arch, _num_classes_kwargs(arch, state), trust_builder=trust_builder)
-    hint = (
-        ""
-        if not any(k.endswith(".mask") for k in state)
-        else " (it has lgconv masks: save it with lgconv.save)"
-    )
-    return model_file.load_weights(model, state, f"{arch}{hint}")
+    kwargs = {**_num_classes_kwargs(arch.name, state), **arch.kwargs}
+    model = model_file.build_arch(arch.name, kwargs, trust_builder=arch.trust_builder)
+    if any(k.endswith(".mask") for k in state):
+        hint = " (it has lgconv masks: save such models with lgconv.save)"
+    else:
+        hint = "; --arch-kwargs '{\"num_classes\": N}' fits another head"
+    try:
+        return model_file.load_weights(model, state, f"{arch.name} {json.dumps(kwargs)}")
+    except ValueError as error:
+        raise ValueError(f"{error}{hint}") from None
 
 
 def _num_classes_kwargs(arch: str, state: dict[str, Tensor]) -> dict[str, Any]:
@@ -122,7 +135,7 @@ def _num_classes_kwargs(arch: str, state: dict[str, Tensor]) -> dict[str, Any]:
     return {"num_classes": int(bias.shape[0])} if bias is not None and bias.dim() == 1 else {}
 
 
-def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool, trust_builder: bool) -> OpenedModel:
+def _load_torch_save(path: Path, arch: _Arch, trust_pickle: bool) -> OpenedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -141,7 +154,7 @@ def _load_torch_save(path: Path, arch: str | None, trust_pickle: bool, trust_bui
     state = _as_state_dict(obj)
     if state is None:
         raise ValueError(f"{path} holds a {type(obj).__name__} without a state dict; give a model file")
-    return OpenedModel(_with_arch(state, path, arch, trust_builder), STATE_DICT)
+    return OpenedModel(_with_arch(state, path, arch), STATE_DICT)
 
 
 def _unpickle(path: Path) -> Any:
@@ -182,25 +195,28 @@ def open_model(
     path: str | os.PathLike[str],
     *,
     arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
     trust_builder: bool = False,
 ) -> OpenedModel:
-    """Read the model in ``path``, whatever its format (see the module docstring)."""
+    """Read the model in ``path``, whatever its format (see the module docstring).
+
+    ``arch`` and ``arch_kwargs`` build the model a plain state dict belongs to.
+    """
     file = Path(path)
+    build = _Arch(arch, dict(arch_kwargs or {}), trust_builder)
     kind = sniff(file)
     if kind == "safetensors":
         spec = model_file.read_spec(file)
         if spec is None:
-            return OpenedModel(
-                _with_arch(model_file.read_tensors(file), file, arch, trust_builder), STATE_DICT
-            )
-        if arch is not None:
-            raise ValueError(f"{file} records its architecture ({spec.arch}); drop --arch")
+            return OpenedModel(_with_arch(model_file.read_tensors(file), file, build), STATE_DICT)
+        if arch is not None or arch_kwargs:
+            raise ValueError(f"{file} records its architecture ({spec.arch}); drop --arch / --arch-kwargs")
         return OpenedModel(model_file.load(file, trust_builder=trust_builder), LGCONV, spec=spec)
-    if arch is not None and kind != TORCH_SAVE:
+    if (arch is not None or arch_kwargs) and kind != TORCH_SAVE:
         raise ValueError(f"--arch is for plain state dicts, and {file} is a {kind}; drop --arch")
     if kind == EXPORTED:
         return _load_exported(file)
     if kind == TORCHSCRIPT:
         return _load_torchscript(file)
-    return _load_torch_save(file, arch, trust_pickle, trust_builder)
+    return _load_torch_save(file, build, trust_pickle)

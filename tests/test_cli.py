@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torchvision
 from click.testing import CliRunner
 from helpers import condense_all, perturb_
 
@@ -91,6 +92,15 @@ def test_flops_of_a_plain_state_dict_needs_the_architecture(files) -> None:
     assert report["input_shapes"] == [[1, 3, 224, 224]]
 
 
+def test_flops_of_a_state_dict_with_builder_arguments(tmp_path: Path) -> None:
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "tv.pth")
+    args = ("--arch", "torchvision.models:resnet18", "--input-size", 3, 32, 32)
+    code, _, err = run("flops", tmp_path / "tv.pth", *args)
+    assert code == 2 and "--arch-kwargs" in err
+    report = json_report(tmp_path / "tv.pth", *args, "--arch-kwargs", '{"num_classes": 3}')
+    assert report["by_module"]["fc"] == 512 * 3
+
+
 def test_flops_of_torchscript_and_exported_programs(files) -> None:
     script = json_report(files["ts"])
     assert script["counter"] == "torch.utils.flop_counter" and script["fallback_reason"]
@@ -122,6 +132,8 @@ def test_pickled_modules_load_only_when_trusted(files) -> None:
         (("flops", "{sd}", "--arch", "resnet18"), "not of the form"),
         (("flops", "{sd}"), "pass --arch"),
         (("flops", "{sd}", "--arch", "timm:resnet34"), "do not fit"),
+        (("flops", "{sd}", "--arch", "timm:resnet18", "--arch-kwargs", "num_classes=5"), "not a JSON object"),
+        (("flops", "{masked}", "--arch-kwargs", '{{"num_classes": 5}}'), "drop --arch"),
         (("flops", "{masked}", "--arch", "timm:resnet18"), "drop --arch"),
         (("flops", "{whole}"), "--trust-pickle"),
         (("flops", "{masked}", "--input-size", "0", "32", "32"), "--input-size"),

@@ -82,8 +82,7 @@ def setup_device(choice: str) -> tuple[torch.device, int, int]:
         if cuda:
             torch.cuda.set_device(local_rank)
         return torch.device(f"cuda:{local_rank}" if cuda else "cpu"), dist.get_rank(), world
-    device = torch.device("cuda" if choice == "auto" and cuda else ("cpu" if choice == "auto" else choice))
-    return device, 0, 1
+    return torch.device(("cuda" if cuda else "cpu") if choice == "auto" else choice), 0, 1
 
 
 def augment(images: Tensor, generator: torch.Generator, *, crop: bool, flip: bool) -> Tensor:
@@ -149,7 +148,9 @@ class Trainer:
             self.optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
         )
         self.condenser = None
-        if any(isinstance(m, lgconv.LearnedGroupConv) for m in self.model.modules()):
+        if any(
+            isinstance(m, (lgconv.LearnedGroupConv, lgconv.LearnedGroupLinear)) for m in self.model.modules()
+        ):
             self.condenser = lgconv.CondensationScheduler(
                 self.net, total, lasso=options["lasso"], condense_end=options["condense_end"]
             )
@@ -175,7 +176,8 @@ class Trainer:
         done, total = sum(stages.values()), sum(f - 1 for f in stages)
         return "optimization" if done == total else f"condensing {done}/{total}"
 
-    def _inputs(self, images: Tensor) -> Tensor:
+    def inputs(self, images: Tensor) -> Tensor:
+        """Normalized float batch (channels-last when asked) from uint8 images."""
         x = (images.float().div_(255) - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.options["channels_last"] else x
 
@@ -201,7 +203,7 @@ class Trainer:
             images = augment(self.train_images[index], generator, crop=options["crop"], flip=options["flip"])
             labels = self.train_labels[index]
             with self._autocast():
-                logits = self.net(self._inputs(images))
+                logits = self.net(self.inputs(images))
                 loss = F.cross_entropy(logits, labels)
                 if self.condenser is not None:
                     loss = loss + self.condenser.lasso_loss()
@@ -248,7 +250,7 @@ class Trainer:
             images = split.images[start : start + 256].to(self.device)
             labels = split.labels[start : start + 256].to(self.device)
             with self._autocast():
-                logits = model(self._inputs(images))
+                logits = model(self.inputs(images))
             loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
             correct += int((logits.argmax(1) == labels).sum())
         return loss_sum / len(split), correct / len(split)
@@ -332,7 +334,7 @@ def finish(trainer: Trainer, out: Path) -> dict[str, Any]:
     """Finalize, check both forms agree, print the before/after table and save the finalized model."""
     model = trainer.model.eval()
     size = model.default_input_size
-    example = trainer._inputs(trainer.data.test.images[: trainer.options["batch_size"]].to(trainer.device))
+    example = trainer.inputs(trainer.data.test.images[: trainer.options["batch_size"]].to(trainer.device))
     rows = []
     forms = [("masked (training form)", model)]
     if trainer.condenser is not None:

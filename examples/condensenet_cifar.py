@@ -458,16 +458,20 @@ def main(**options: Any) -> None:
         options["out"]
         or Path("runs") / f"{options['dataset']}-{options['model']}{'-dense' if options['dense'] else ''}"
     )
+    if rank != 0:
+        dist.barrier()  # rank 0 downloads first
     try:
         data = load_data(
             options["dataset"],
             options["data_dir"],
-            download=options["download"] and rank == 0,
+            download=options["download"],
             subset=options["subset"],
             seed=options["seed"],
         )
     except DataUnavailable as error:
         raise CliError(str(error)) from None
+    if world > 1 and rank == 0:
+        dist.barrier()
     trainer = Trainer(options, data, device, rank, world)
     checkpoint = out / "checkpoint.pt"
     if rank == 0:

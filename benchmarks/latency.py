@@ -1,0 +1,198 @@
+"""Inference latency of one network in every form: dense, masked, naive-converted, finalized, optimised.
+
+All forms of one network and batch are timed in the same interleaved rounds (after warm-up; the
+median and the range over rounds are reported), next to the FLOP ratio masked / finalized, and every
+form's output is checked against the masked model's. Writes a JSON and ``docs/benchmarks.md``.
+
+    .venv/bin/python benchmarks/latency.py            # full run, a few minutes on 2 cores
+    .venv/bin/python benchmarks/latency.py --smoke    # seconds: one small network, tiny batches
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] > (os.cpu_count() or 1):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # busy-waiting threads collapse on a shared machine
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _models  # noqa: E402
+import _timing  # noqa: E402
+
+import lgconv  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+FULL = {"condensenet86": (1, 64), "condensenet74_imagenet": (1, 8), "resnet50": (1, 8), "densenet121": (1, 8)}
+SMOKE = {"condensenet50": (1, 2)}
+ABLATED = ("condensenet86", "condensenet50")
+
+
+def optimised_forms(finalized: nn.Module, example: Tensor, ablation: bool) -> dict[str, nn.Module]:
+    """lgconv's optimised model (kernels and memory format chosen by timing), and with --ablation
+    one row per optimisation added on top of the last."""
+    forms = {}
+    if ablation:
+        steps: list[tuple[str, dict[str, Any]]] = [
+            ("+ fold BN into grouped", {"kernel": "grouped", "channels_last": False}),
+            ("+ dense kernel (no gather/shuffle)", {"kernel": "dense", "channels_last": False}),
+            ("+ channels-last", {"kernel": "dense", "channels_last": True}),
+        ]
+        for label, options in steps:
+            forms[label] = lgconv.optimize_for_inference(copy.deepcopy(finalized), **options)
+    forms["optimised (auto)"] = lgconv.optimize_for_inference(copy.deepcopy(finalized), example, repeats=3)
+    return forms
+
+
+def _max_error(model: nn.Module, reference: Tensor, x: Tensor) -> float:
+    with torch.inference_mode():
+        out = model(x)
+    return float((out.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+
+
+def _runner(model: nn.Module, x: Tensor) -> Callable[[], object]:
+    channels_last = any(
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in model.parameters()
+    )
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    def run() -> object:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def bench_network(name: str, batches: tuple[int, ...], args: argparse.Namespace) -> list[dict[str, Any]]:
+    forms = _models.forms(name)
+    flops = lgconv.count_flops(forms.masked, forms.input_size)
+    ratio = flops.reduction
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, *forms.input_size, generator=torch.Generator().manual_seed(batch))
+        models = {
+            "dense": forms.dense,
+            "masked": forms.masked,
+            "naive (reference-style)": forms.naive,
+            "finalized": forms.finalized,
+        }
+        models.update(optimised_forms(forms.finalized, x, args.ablation and name in ABLATED))
+        with torch.inference_mode():
+            reference = forms.masked(x).float()
+        errors = {label: _max_error(model, reference, x) for label, model in models.items()}
+        timings = _timing.interleaved(
+            {label: _runner(model, x) for label, model in models.items()},
+            rounds=args.rounds,
+            min_round_s=args.min_round_s,
+        )
+        naive_ms = timings["naive (reference-style)"].median_ms
+        masked_ms = timings["masked"].median_ms
+        for label, timing in timings.items():
+            rows.append(
+                {
+                    "model": name,
+                    "batch": batch,
+                    "form": label,
+                    "timing": timing,
+                    "vs_naive": naive_ms / timing.median_ms,
+                    "vs_masked": masked_ms / timing.median_ms,
+                    "flop_ratio": ratio,
+                    "rel_error_vs_masked": errors[label] if label != "dense" else None,
+                }
+            )
+        _print_rows(rows[-len(timings) :])
+    return rows
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    first = rows[0]
+    print(
+        f"\n{first['model']} batch {first['batch']}  (FLOP ratio masked/finalized {first['flop_ratio']:.2f})"
+    )
+    for row in rows:
+        t = row["timing"]
+        error = "" if row["rel_error_vs_masked"] is None else f"  err {row['rel_error_vs_masked']:.1e}"
+        print(
+            f"  {row['form']:<36} {t.median_ms:9.2f} ms  [{t.low_ms:.2f}-{t.high_ms:.2f}]  "
+            f"x{row['vs_naive']:.2f} vs naive  x{row['vs_masked']:.2f} vs masked{error}"
+        )
+
+
+def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
+    table = _timing.markdown_table(
+        [
+            "model",
+            "batch",
+            "form",
+            "median ms",
+            "range ms",
+            "vs naive",
+            "vs masked",
+            "FLOP ratio",
+            "rel. err",
+        ],
+        [
+            [
+                r["model"],
+                r["batch"],
+                r["form"],
+                f"{r['timing'].median_ms:.2f}",
+                f"{r['timing'].low_ms:.2f}-{r['timing'].high_ms:.2f}",
+                f"{r['vs_naive']:.2f}x",
+                f"{r['vs_masked']:.2f}x",
+                f"{r['flop_ratio']:.2f}",
+                "" if r["rel_error_vs_masked"] is None else f"{r['rel_error_vs_masked']:.0e}",
+            ]
+            for r in rows
+        ],
+    )
+    return f"Machine: {_timing.machine_line(machine)}\n\n{table}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="one small network, tiny batches: seconds")
+    parser.add_argument("--models", nargs="*", help="networks to time (default: all of the full run)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, smoke 2)")
+    parser.add_argument("--min-round-s", type=float, default=None, help="seconds per form per round")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip ablation rows")
+    parser.add_argument("--json", type=Path, default=None, help="where to write the results")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
+    args = parser.parse_args(argv)
+    plan = SMOKE if args.smoke else FULL
+    if args.models:
+        unknown = sorted(set(args.models) - set(_models.BUILDERS))
+        if unknown:
+            parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(_models.BUILDERS)}")
+        plan = {name: plan.get(name, FULL.get(name, (1, 2))) for name in args.models}
+    args.rounds = args.rounds or (2 if args.smoke else 7)
+    args.min_round_s = args.min_round_s if args.min_round_s is not None else (0.0 if args.smoke else 0.2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = _timing.machine()
+    machine["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
+    print(f"Machine: {_timing.machine_line(machine)}")
+    rows = [row for name, batches in plan.items() for row in bench_network(name, batches, args)]
+    machine["load_average_end"] = _timing.machine()["load_average"]
+    if args.json:
+        _timing.write_json(args.json, {"machine": machine, "rows": rows})
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(rows, machine))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

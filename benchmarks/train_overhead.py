@@ -1,0 +1,167 @@
+"""What learned group training costs: a training step of the masked vs the unmodified model, and
+the time of one condensing step over every learned group layer of a ResNet-50.
+
+    .venv/bin/python benchmarks/train_overhead.py            # full run, a couple of minutes
+    .venv/bin/python benchmarks/train_overhead.py --smoke    # seconds
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] > (os.cpu_count() or 1):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # busy-waiting threads collapse on a shared machine
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _models  # noqa: E402
+import _timing  # noqa: E402
+
+import lgconv  # noqa: E402
+from lgconv.scheduler import learned_group_layers  # noqa: E402
+
+FULL = {"condensenet86": (64, 32), "resnet50": (16, 64)}
+SMOKE = {"condensenet86": (4, 32)}
+
+
+def _step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], object]:
+    """One SGD training step (forward, cross-entropy, backward, update) of ``model``."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> object:
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def training_rows(name: str, batch: int, size: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    dense, masked, _ = _models.BUILDERS[name](0)
+    masked.load_state_dict(dense.state_dict(), strict=False)
+    condensed = _models.condense_fully(copy.deepcopy(masked))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=generator)
+    classes = dense(x[:1]).shape[1]
+    target = torch.randint(0, classes, (batch,), generator=generator)
+    timings = _timing.interleaved(
+        {
+            "unmodified": _step(dense, x, target),
+            "masked (stage 0)": _step(masked, x, target),
+            "masked (fully condensed)": _step(condensed, x, target),
+        },
+        rounds=args.rounds,
+        min_round_s=args.min_round_s,
+    )
+    base = timings["unmodified"].median_ms
+    rows = [
+        {
+            "what": f"train step {name} b{batch} {size}x{size}",
+            "form": form,
+            "timing": t,
+            "vs_unmodified": t.median_ms / base,
+        }
+        for form, t in timings.items()
+    ]
+    for row in rows:
+        t = row["timing"]
+        ratio = row["vs_unmodified"]
+        spread = f"[{t.low_ms:.2f}-{t.high_ms:.2f}]"
+        print(f"  {row['what']:<36} {row['form']:<24} {t.median_ms:9.2f} ms {spread} x{ratio:.3f}")
+    return rows
+
+
+def condense_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One ``condense()`` on every learned group layer of a condensified timm ResNet-50 (G = C = 4)."""
+    import timm
+
+    model = lgconv.condensify(timm.create_model("resnet50", pretrained=False), groups=4, condense_factor=4)
+    layers = [layer for _, layer in learned_group_layers(model)]
+
+    def reset() -> None:
+        for layer in layers:
+            layer.mask.fill_(True)
+            layer.stage.zero_()
+            layer.kept_inputs.fill_(layer.weight.shape[1])
+
+    def condense_all() -> None:
+        if any(layer.fully_condensed for layer in layers):
+            reset()
+        for layer in layers:
+            layer.condense()
+
+    timing = _timing.interleaved({"condense": condense_all}, rounds=args.rounds, min_round_s=args.min_round_s)
+    t = timing["condense"]
+    print(f"  one condensing step, {len(layers)} layers of resnet50: {t.median_ms:.2f} ms", end="")
+    print(f"  [{t.low_ms:.2f}-{t.high_ms:.2f}]")
+    return [
+        {
+            "what": f"condense() on all {len(layers)} layers of resnet50",
+            "form": "condense",
+            "timing": t,
+            "vs_unmodified": None,
+        }
+    ]
+
+
+def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
+    table = _timing.markdown_table(
+        ["what", "form", "median ms", "range ms", "vs unmodified"],
+        [
+            [
+                r["what"],
+                r["form"],
+                f"{r['timing'].median_ms:.2f}",
+                f"{r['timing'].low_ms:.2f}-{r['timing'].high_ms:.2f}",
+                "" if r["vs_unmodified"] is None else f"{r['vs_unmodified']:.3f}x",
+            ]
+            for r in rows
+        ],
+    )
+    return f"Machine: {_timing.machine_line(machine)}\n\n{table}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny batch, few rounds: seconds")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, smoke 2)")
+    parser.add_argument("--min-round-s", type=float, default=None, help="seconds per form per round")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=None, help="where to write the results")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (2 if args.smoke else 7)
+    args.min_round_s = args.min_round_s if args.min_round_s is not None else (0.0 if args.smoke else 0.3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = _timing.machine()
+    machine["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
+    print(f"Machine: {_timing.machine_line(machine)}")
+    rows = []
+    for name, (batch, size) in (SMOKE if args.smoke else FULL).items():
+        rows += training_rows(name, batch, size, args)
+    rows += condense_rows(args)
+    machine["load_average_end"] = _timing.machine()["load_average"]
+    if args.json:
+        _timing.write_json(args.json, {"machine": machine, "rows": rows})
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(rows, machine))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

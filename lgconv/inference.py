@@ -1,0 +1,361 @@
+"""optimize_for_inference: make a finalized model as fast as its FLOPs promise, keeping its outputs.
+
+Each ``CondensedConv2d`` becomes a ``FusedCondensedConv2d``: a batch norm + ReLU right before it
+turns into one per-channel clamp (its scale and shift move into the conv), a batch norm right after
+it moves into the conv's weight and bias, and the connections are computed by the kernel that is
+fastest for the layer's shape (grouped conv with gather and reorder, or a plain conv with the
+dropped connections' weights at zero, which absorbs the gather and the reorder). The folded
+modules are replaced by ``Folded`` so module names, ``lgconv.save`` and ``lgconv.load`` still work.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx, nn
+
+from lgconv.layers import CondensedConv2d
+from lgconv.layers.fused_condensed_conv import KERNELS, Folded, FusedCondensedConv2d
+from lgconv.layers.learned_group import LearnedGroupMixin, grouped_order
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """A condensed conv and the batch norms (with their ReLU) that can be folded into it."""
+
+    conv: str
+    pre_norm: str | None = None
+    pre_relu: str | None = None
+    post_norm: str | None = None
+    post_relu: bool = False
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if isinstance(module, (CondensedConv2d, nn.BatchNorm2d)):
+            return True
+        return super().is_leaf_module(module, qualified_name)
+
+
+def _is_relu(module: nn.Module) -> bool:
+    return type(module) is nn.ReLU
+
+
+def _norm_relu(module: nn.Module) -> bool | None:
+    """None if not a foldable eval batch norm; else whether it applies a ReLU itself (timm BatchNormAct2d)."""
+    if not isinstance(module, nn.BatchNorm2d) or module.training or module.running_mean is None:
+        return None
+    if type(module) is nn.BatchNorm2d:
+        return False
+    act, drop = getattr(module, "act", None), getattr(module, "drop", None)
+    if isinstance(drop, nn.Identity) and act is not None:
+        if isinstance(act, nn.Identity):
+            return False
+        if _is_relu(act):
+            return True
+    return None
+
+
+def _chains(model: nn.Module) -> list[_Chain]:
+    """Trace ``model`` and find the batch norms that only feed, or only read, a condensed conv."""
+    modules = dict(model.named_modules())
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - untraceable models are optimised layer by layer
+        return [_Chain(name) for name, m in modules.items() if isinstance(m, CondensedConv2d)]
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+
+    def single_module(node: object, users: int = 1) -> str | None:
+        if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.users) != users:
+            return None
+        return node.target if calls[node.target] == 1 else None
+
+    chains = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], CondensedConv2d):
+            continue
+        if calls[node.target] != 1:
+            chains.append(_Chain(node.target))
+            continue
+        pre_norm = pre_relu = None
+        source = single_module(_skip_identities(node.args[0], modules))
+        if source is not None and _is_relu(modules[source]):
+            norm = single_module(node.args[0].args[0])
+            if norm is not None and _norm_relu(modules[norm]) is False:
+                pre_norm, pre_relu = norm, source
+        elif source is not None and _norm_relu(modules[source]) is True:
+            pre_norm = source
+        post_norm, post_relu = None, False
+        if len(node.users) == 1:
+            user = single_module(next(iter(node.users)), users=len(next(iter(node.users)).users))
+            relu = None if user is None else _norm_relu(modules[user])
+            if relu is not None:
+                post_norm, post_relu = user, relu
+        chains.append(_Chain(node.target, pre_norm, pre_relu, post_norm, post_relu))
+    return chains
+
+
+def _skip_identities(node: object, modules: dict[str, nn.Module]) -> object:
+    """Walk back over ``Identity`` and eval ``Dropout`` modules that only pass their input on."""
+    while (
+        isinstance(node, fx.Node)
+        and node.op == "call_module"
+        and len(node.users) == 1
+        and (
+            isinstance(modules[node.target], nn.Identity)
+            or (isinstance(modules[node.target], nn.Dropout) and not modules[node.target].training)
+        )
+    ):
+        node = node.args[0]
+    return node
+
+
+def _norm_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Eval batch norm as ``scale * x + shift`` (float64)."""
+    var = norm.running_var.double()
+    scale = torch.rsqrt(var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.double()
+    shift = -norm.running_mean.double() * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.double()
+    return scale, shift
+
+
+def _dense_weight(layer: CondensedConv2d) -> tuple[Tensor, Tensor]:
+    """The condensed layer as a dense (out, in, kh, kw) float64 weight with zeros, and its bias."""
+    conv = layer.conv
+    groups, kept = layer.groups, layer.kept_inputs
+    rows = grouped_order(layer.out_channels, groups, layer.layout).to(conv.weight.device)
+    row_group = torch.arange(layer.out_channels, device=rows.device) // (layer.out_channels // groups)
+    columns = layer.index.view(groups, kept)[row_group]
+    dense = conv.weight.new_zeros(
+        (layer.out_channels, layer.in_channels, *conv.kernel_size), dtype=torch.float64
+    )
+    dense[rows[:, None], columns] = conv.weight.detach().double()
+    bias = conv.weight.new_zeros(layer.out_channels, dtype=torch.float64)
+    if conv.bias is not None:
+        bias[rows] = conv.bias.detach().double()
+    return dense, bias
+
+
+@dataclass
+class _Folded:
+    """A condensed conv with its neighbours folded: dense float64 weight, bias and clamp bounds per input."""
+
+    layer: CondensedConv2d
+    weight: Tensor
+    bias: Tensor
+    low: Tensor | None
+    high: Tensor | None
+
+
+def _fold(layer: CondensedConv2d, pre: nn.BatchNorm2d | None, post: nn.BatchNorm2d | None) -> _Folded:
+    """relu(a x + b) == a * clamp(x, -b/a) + b: the clamp stays, a and b move into the conv."""
+    weight, bias = _dense_weight(layer)
+    low = high = None
+    if pre is not None:
+        scale, shift = _norm_affine(pre)
+        threshold = torch.where(scale != 0, -shift / torch.where(scale != 0, scale, 1.0), 0.0)
+        low = torch.where(scale > 0, threshold, -torch.inf)
+        high = torch.where(scale < 0, threshold, torch.inf)
+        low = torch.where(scale == 0, 0.0, low)
+        high = torch.where(scale == 0, 0.0, high)
+        constant = torch.where(scale == 0, shift.clamp_min(0), shift)
+        bias = bias + (weight.sum((2, 3)) * constant).sum(1)
+        weight = weight * scale.view(1, -1, 1, 1)
+    if post is not None:
+        scale, shift = _norm_affine(post)
+        weight = weight * scale.view(-1, 1, 1, 1)
+        bias = bias * scale + shift
+    return _Folded(layer, weight, bias, low, high)
+
+
+def _build(folded: _Folded, kernel: str) -> FusedCondensedConv2d:
+    """The inference layer computing ``folded`` with ``kernel`` (see ``FusedCondensedConv2d``)."""
+    layer = folded.layer
+    conv = layer.conv
+    groups = layer.groups if kernel == "grouped" else 1
+    if kernel == "grouped":
+        index: Tensor | None = layer.index
+        kept = layer.kept_inputs
+        rows = grouped_order(layer.out_channels, groups, layer.layout).to(layer.index.device)
+        row_group = torch.arange(layer.out_channels, device=rows.device) // (layer.out_channels // groups)
+        weight = folded.weight[rows[:, None], layer.index.view(groups, kept)[row_group]]
+        bias = folded.bias[rows]
+        order = None if torch.equal(rows, torch.arange(len(rows), device=rows.device)) else rows.argsort()
+    else:
+        used = layer.index.unique() if kernel == "dense_kept" else None
+        index = used
+        weight = folded.weight if used is None else folded.weight[:, used]
+        bias, order = folded.bias, None
+    fused = FusedCondensedConv2d(
+        layer.in_channels,
+        layer.out_channels,
+        conv.kernel_size,
+        kernel=kernel,
+        groups=groups,
+        gathered=None if index is None else index.numel(),
+        clamp=folded.low is not None,
+        reorder=order is not None,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    dtype = conv.weight.dtype
+    with torch.no_grad():
+        if index is not None:
+            fused.index.copy_(index)
+        if folded.low is not None:
+            positions = slice(None) if index is None else index
+            fused.low.copy_(folded.low[positions].view(fused.low.shape).to(dtype))
+            fused.high.copy_(folded.high[positions].view(fused.high.shape).to(dtype))
+        if order is not None:
+            fused.order.copy_(order)
+        fused.conv.weight.copy_(weight.to(dtype))
+        fused.conv.bias.copy_(bias.to(dtype))
+    return fused.eval()
+
+
+def _default_kernel(layer: CondensedConv2d) -> str:
+    """Without an example input: grouped convs pay off on CPU only for spatial kernels."""
+    return "dense" if layer.conv.kernel_size == (1, 1) else "grouped"
+
+
+def _median_ms(module: nn.Module, x: Tensor, repeats: int) -> float:
+    """Median milliseconds of ``module(x)`` after one warm-up call."""
+    module(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        module(x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _captured_inputs(model: nn.Module, names: Sequence[str], example: Tensor) -> dict[str, Tensor]:
+    captured: dict[str, Tensor] = {}
+    modules = dict(model.named_modules())
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            captured[name] = args[0].detach().clone()
+
+        return record
+
+    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in names]
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    example_input: Tensor | None = None,
+    *,
+    fold: bool = True,
+    kernel: str = "auto",
+    channels_last: bool | None = None,
+    repeats: int = 5,
+) -> nn.Module:
+    """Fold neighbouring batch norms into every ``CondensedConv2d`` and pick its fastest exact kernel.
+
+    The model must be finalized and in eval mode (batch norms use running statistics); it is changed
+    in place and returned. With ``example_input`` each layer's kernel is chosen by timing the
+    candidates on the input that layer sees, and ``channels_last=None`` picks the faster memory
+    format for the whole model; without it, 1x1 layers use the dense kernel and the format is kept.
+    ``kernel`` forces one of ``"grouped"``, ``"dense"``, ``"dense_kept"`` everywhere; ``fold=False``
+    leaves the batch norms alone. Outputs equal the finalized model's up to float rounding.
+    """
+    if kernel != "auto" and kernel not in KERNELS:
+        raise ValueError(f"kernel must be 'auto' or one of {KERNELS}, got {kernel!r}")
+    if model.training:
+        raise ValueError(
+            "optimize_for_inference needs an eval model (batch norms fold their running statistics); "
+            "call model.eval() first"
+        )
+    if any(isinstance(m, LearnedGroupMixin) for m in model.modules()):
+        raise ValueError("the model still has learned group layers; run lgconv.finalize(model) first")
+    modules = dict(model.named_modules())
+    chains = (
+        _chains(model) if fold else [_Chain(n) for n, m in modules.items() if isinstance(m, CondensedConv2d)]
+    )
+    if not chains:
+        raise ValueError(
+            f"{type(model).__name__} has no CondensedConv2d to optimise; finalize a condensed model first"
+        )
+    folded = {}
+    for chain in chains:
+        layer = modules[chain.conv]
+        pre = modules[chain.pre_norm] if chain.pre_norm else None
+        post = modules[chain.post_norm] if chain.post_norm else None
+        if pre is not None and any(p != 0 for p in _padding(layer)):
+            pre = None
+        folded[chain.conv] = _fold(layer, pre, post)
+        if pre is not None:
+            _set(model, chain.pre_norm, Folded())
+            if chain.pre_relu:
+                _set(model, chain.pre_relu, Folded())
+        if post is not None:
+            _set(model, chain.post_norm, Folded(relu=chain.post_relu))
+    for name, item in folded.items():
+        choice = _default_kernel(item.layer) if kernel == "auto" else kernel
+        _set(model, name, _build(item, choice))
+    if example_input is None:
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+    if channels_last is None:
+        channels_last = _faster_channels_last(model, example_input, repeats)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    if kernel == "auto":
+        inputs = _captured_inputs(model, list(folded), example_input.to(memory_format=memory_format))
+        for name, item in folded.items():
+            if name in inputs:
+                _set(model, name, _fastest(item, inputs[name], memory_format, repeats))
+    return model
+
+
+def _padding(layer: CondensedConv2d) -> tuple[int, ...]:
+    padding = layer.conv.padding
+    return (0,) if padding == "valid" else (1,) if isinstance(padding, str) else tuple(padding)
+
+
+def _faster_channels_last(model: nn.Module, example: Tensor, repeats: int) -> bool:
+    times = {}
+    with torch.inference_mode():
+        for flag, memory_format in ((False, torch.contiguous_format), (True, torch.channels_last)):
+            model.to(memory_format=memory_format)
+            x = example.to(memory_format=memory_format)
+            times[flag] = _median_ms(model, x, repeats)
+    return times[True] < times[False]
+
+
+def _fastest(
+    item: _Folded, x: Tensor, memory_format: torch.memory_format, repeats: int
+) -> FusedCondensedConv2d:
+    """The candidate kernel that runs ``x`` fastest (all compute the same function)."""
+    candidates = [_build(item, kernel).to(memory_format=memory_format) for kernel in KERNELS]
+    with torch.inference_mode():
+        times = [_median_ms(candidate, x, repeats) for candidate in candidates]
+    return candidates[times.index(min(times))]

@@ -3,6 +3,7 @@
 from lgconv.condensify import CondensePlan, LayerDecision, condensify, plan
 from lgconv.finalize import finalize
 from lgconv.flops import FlopReport, count_flops
+from lgconv.inference import optimize_for_inference
 from lgconv.layers import (
     CondensedConv2d,
     CondensedLinear,
@@ -28,6 +29,7 @@ __all__ = [
     "count_flops",
     "finalize",
     "load",
+    "optimize_for_inference",
     "plan",
     "save",
 ]

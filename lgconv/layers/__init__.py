@@ -2,6 +2,7 @@
 
 from lgconv.layers.condensed_conv import CondensedConv2d
 from lgconv.layers.condensed_linear import CondensedLinear
+from lgconv.layers.fused_condensed_conv import Folded, FusedCondensedConv2d
 from lgconv.layers.learned_group import LearnedGroupMixin
 from lgconv.layers.learned_group_conv import LearnedGroupConv
 from lgconv.layers.learned_group_linear import LearnedGroupLinear
@@ -9,6 +10,8 @@ from lgconv.layers.learned_group_linear import LearnedGroupLinear
 __all__ = [
     "CondensedConv2d",
     "CondensedLinear",
+    "Folded",
+    "FusedCondensedConv2d",
     "LearnedGroupConv",
     "LearnedGroupLinear",
     "LearnedGroupMixin",

@@ -128,7 +128,7 @@ _TRUST_PICKLE = click.option(
 _TRUST_BUILDER = click.option(
     "--trust-builder",
     is_flag=True,
-    help="Allow a file's architecture builder from a package other than timm, torchvision, lgconv.",
+    help="Run a file's architecture builder from outside timm.models, torchvision.models, lgconv.models.",
 )
 
 

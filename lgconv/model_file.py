@@ -27,9 +27,11 @@ from lgconv.layers.learned_group import LearnedGroupMixin
 FORMAT = "lgconv"
 VERSION = 1
 METADATA_KEY = "lgconv"
-# Builders from these packages build models only; any other package needs trust_builder=True,
+# Functions defined in these packages build models only; any other builder needs trust_builder=True,
 # because the spec would otherwise let a file call any importable function.
-TRUSTED_BUILDER_PACKAGES = ("timm", "torchvision", "lgconv")
+TRUSTED_BUILDER_PACKAGES = ("timm.models", "torchvision.models", "lgconv.models")
+# Builder arguments that download weights: the file already holds them.
+_DOWNLOADING_KWARGS = ("pretrained", "weights", "weights_backbone", "pretrained_backbone")
 _SAFETENSORS_MAX_HEADER = 100_000_000
 _DATA_PARALLEL = ("DistributedDataParallel", "DataParallel")
 
@@ -197,18 +199,21 @@ def _builder(arch: str, trust_builder: bool) -> Callable[..., nn.Module]:
                 "upgrade lgconv"
             ) from None
         return lambda **kwargs: create_model(name, **kwargs)
-    package = source.split(".")[0]
-    if package not in TRUSTED_BUILDER_PACKAGES and not trust_builder:
-        raise ValueError(
-            f"builder {arch!r} would run code from package {package!r}; pass trust_builder=True "
-            f"(CLI: --trust-builder) if you trust it; trusted: {', '.join(TRUSTED_BUILDER_PACKAGES)}"
-        )
+    package = next((p for p in TRUSTED_BUILDER_PACKAGES if source == p or source.startswith(p + ".")), None)
+    untrusted = (
+        f"builder {arch!r} is not a public model builder of {', '.join(TRUSTED_BUILDER_PACKAGES)}; pass "
+        "trust_builder=True (CLI: --trust-builder) only if you trust the file, since it names code to run"
+    )
+    if not trust_builder and (package is None or "." in name or name.startswith("_")):
+        raise ValueError(untrusted)
     try:
         target: Any = importlib.import_module(source)
         for part in name.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError):
         raise ValueError(f"cannot import builder {arch!r}; install the package that provides it") from None
+    if not trust_builder and not str(getattr(target, "__module__", "")).startswith(f"{package}."):
+        raise ValueError(untrusted)  # a name the module merely imported from elsewhere
     if not callable(target):
         raise ValueError(f"builder {arch!r} is not callable; name a function that returns an nn.Module")
     return target
@@ -217,8 +222,18 @@ def _builder(arch: str, trust_builder: bool) -> Callable[..., nn.Module]:
 def build_arch(
     arch: str, kwargs: Mapping[str, Any] | None = None, *, trust_builder: bool = False
 ) -> nn.Module:
-    """Build the base model named by ``arch`` (``timm:NAME``, ``lgconv:PRESET`` or ``module:function``)."""
-    model = _builder(arch, trust_builder)(**dict(kwargs or {}))
+    """Build the base model named by ``arch`` (``timm:NAME``, ``lgconv:PRESET`` or ``module:function``).
+
+    Never downloads weights: arguments asking for pretrained weights are refused.
+    """
+    kwargs = dict(kwargs or {})
+    downloading = [k for k in _DOWNLOADING_KWARGS if kwargs.get(k) not in (None, False)]
+    if downloading:
+        raise ValueError(
+            f"arch_kwargs ask {arch!r} to download weights ({downloading[0]}={kwargs[downloading[0]]!r}); "
+            "drop it, the weights come from the file"
+        )
+    model = _builder(arch, trust_builder)(**kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"builder {arch!r} returned a {type(model).__name__}, not an nn.Module")
     return model
@@ -406,7 +421,8 @@ def save(
     else:
         name, inferred = _arch_name(arch), {}
     kwargs = {**inferred, **dict(arch_kwargs or {})}
-    kwargs.pop("pretrained", None)
+    for key in _DOWNLOADING_KWARGS:
+        kwargs.pop(key, None)
     try:
         json.dumps(kwargs)
     except TypeError:

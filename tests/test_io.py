@@ -228,8 +228,15 @@ def test_spec_problems_are_named(tmp_path: Path) -> None:
         lgconv.load(write({**spec, "dtype": "system"}))
     with pytest.raises(ValueError, match="do not fit"):
         lgconv.load(write({**spec, "arch_kwargs": {"num_classes": 8}}))
-    with pytest.raises(ValueError, match="would run code"):
-        lgconv.load(write({**spec, "arch": "os:system", "arch_kwargs": {"command": "true"}}))
+    for arch in ("os:system", "lgconv.cli:main", "torchvision.models.resnet:torch.hub.download_url_to_file"):
+        with pytest.raises(ValueError, match="not a public model builder"):
+            lgconv.load(write({**spec, "arch": arch, "arch_kwargs": {}}))
+    with pytest.raises(ValueError, match="not a public model builder"):  # imported into a models module
+        lgconv.load(write({**spec, "arch": "torchvision.models.resnet:ImageClassification"}))
+    with pytest.raises(ValueError, match="download weights"):
+        lgconv.load(
+            write({**spec, "arch": "torchvision.models:resnet18", "arch_kwargs": {"weights": "DEFAULT"}})
+        )
 
 
 def test_half_precision_models_come_back_in_their_dtype(tmp_path: Path) -> None:

@@ -30,8 +30,8 @@ METADATA_KEY = "lgconv"
 # Functions defined in these packages build models only; any other builder needs trust_builder=True,
 # because the spec would otherwise let a file call any importable function.
 TRUSTED_BUILDER_PACKAGES = ("timm.models", "torchvision.models", "lgconv.models")
-# Builder arguments that download weights: the file already holds them.
-_DOWNLOADING_KWARGS = ("pretrained", "weights", "weights_backbone", "pretrained_backbone")
+# Builder arguments that download or read other weights: the file already holds them.
+_DOWNLOADING_KWARGS = ("pretrained", "weights", "weights_backbone", "pretrained_backbone", "checkpoint_path")
 _SAFETENSORS_MAX_HEADER = 100_000_000
 _DATA_PARALLEL = ("DistributedDataParallel", "DataParallel")
 

@@ -85,9 +85,10 @@ def _chains(model: nn.Module) -> list[_Chain]:
             chains.append(_Chain(node.target))
             continue
         pre_norm = pre_relu = None
-        source = single_module(_skip_identities(node.args[0], modules))
+        source_node = _skip_identities(node.args[0], modules)
+        source = single_module(source_node)
         if source is not None and _is_relu(modules[source]):
-            norm = single_module(node.args[0].args[0])
+            norm = single_module(source_node.args[0])
             if norm is not None and _norm_relu(modules[norm]) is False:
                 pre_norm, pre_relu = norm, source
         elif source is not None and _norm_relu(modules[source]) is True:

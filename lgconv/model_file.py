@@ -230,7 +230,7 @@ def build_arch(
     downloading = [k for k in _DOWNLOADING_KWARGS if kwargs.get(k) not in (None, False)]
     if downloading:
         raise ValueError(
-            f"arch_kwargs ask {arch!r} to download weights ({downloading[0]}={kwargs[downloading[0]]!r}); "
+            f"arch_kwargs ask {arch!r} to fetch other weights ({downloading[0]}={kwargs[downloading[0]]!r}); "
             "drop it, the weights come from the file"
         )
     model = _builder(arch, trust_builder)(**kwargs)

@@ -233,7 +233,7 @@ def test_spec_problems_are_named(tmp_path: Path) -> None:
             lgconv.load(write({**spec, "arch": arch, "arch_kwargs": {}}))
     with pytest.raises(ValueError, match="not a public model builder"):  # imported into a models module
         lgconv.load(write({**spec, "arch": "torchvision.models.resnet:ImageClassification"}))
-    with pytest.raises(ValueError, match="download weights"):
+    with pytest.raises(ValueError, match="fetch other weights"):
         lgconv.load(
             write({**spec, "arch": "torchvision.models:resnet18", "arch_kwargs": {"weights": "DEFAULT"}})
         )

@@ -461,6 +461,11 @@ def count_flops(
     was_training = [(m, m.training) for m in model.modules()]
     for module, _ in was_training:
         module.training = False  # not .eval(): exported programs refuse it, and no hook should run
+    # FlopCounterMode's module tracker wants a gradient function for every input that requires
+    # grad; a parameter fed to a submodule (ViT tokens) has none under no_grad, unless frozen.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
     try:
         with torch.no_grad():
             try:
@@ -482,6 +487,8 @@ def count_flops(
     finally:
         for module, training in was_training:
             module.training = training
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     effective, dense = _effective_and_dense(counts, layers)
     params, dense_params = _parameter_counts(model, layers)
     report = FlopReport(

@@ -253,3 +253,25 @@ def test_fallback_counter_applies_the_lgconv_rules_too() -> None:
     assert fallback.by_operator()["conv"] == traced.by_operator()["conv"]
     assert fallback.by_module()["net.block.2"] == traced.by_module()["block.2"]
     assert fallback.dense_total - fallback.total == traced.dense_total - traced.total > 0
+
+
+class TokenInput(nn.Module):
+    """A parameter fed to a submodule (like ViT class tokens), behind an output jit cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.randn(1, 4))
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"logits": self.linear(self.token) + self.linear(x), "version": 3}
+
+
+def test_fallback_counts_parameters_fed_to_submodules_and_restores_requires_grad() -> None:
+    model = TokenInput()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = lgconv.count_flops(model, (4,), batch_size=3)
+    assert report.counter == TORCH_COUNTER
+    assert report.total == 1 * 4 * 2 + 3 * 4 * 2
+    assert all(p.requires_grad for p in model.parameters())

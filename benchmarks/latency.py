@@ -47,6 +47,10 @@ def optimised_forms(finalized: nn.Module, example: Tensor, ablation: bool) -> di
             ("+ fold BN into grouped", {"kernel": "grouped", "channels_last": False}),
             ("+ dense kernel (no gather/shuffle)", {"kernel": "dense", "channels_last": False}),
             ("+ channels-last", {"kernel": "dense", "channels_last": True}),
+            (
+                "+ dense 3x3 (zeros across groups)",
+                {"kernel": "dense", "channels_last": True, "dense_grouped": True},
+            ),
         ]
         for label, options in steps:
             forms[label] = lgconv.optimize_for_inference(copy.deepcopy(finalized), **options)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lgconv.layers import CondensedConv2d
-from lgconv.layers.fused_condensed_conv import KERNELS, Folded, FusedCondensedConv2d
+from lgconv.layers.fused_condensed_conv import KERNELS, DenseGroupedConv2d, Folded, FusedCondensedConv2d
 from lgconv.layers.learned_group import LearnedGroupMixin, grouped_order
 
 
@@ -276,6 +276,7 @@ def optimize_for_inference(
     fold: bool = True,
     kernel: str = "auto",
     channels_last: bool | None = None,
+    dense_grouped: bool | None = None,
     repeats: int = 5,
 ) -> nn.Module:
     """Fold neighbouring batch norms into every ``CondensedConv2d`` and pick its fastest exact kernel.
@@ -285,7 +286,10 @@ def optimize_for_inference(
     candidates on the input that layer sees, and ``channels_last=None`` picks the faster memory
     format for the whole model; without it, 1x1 layers use the dense kernel and the format is kept.
     ``kernel`` forces one of ``"grouped"``, ``"dense"``, ``"dense_kept"`` everywhere; ``fold=False``
-    leaves the batch norms alone. Outputs equal the finalized model's up to float rounding.
+    leaves the batch norms alone. ``dense_grouped`` turns the model's other grouped convs (up to 8
+    groups, e.g. CondenseNet's 3x3) into ``DenseGroupedConv2d``: always (True), never (False), or
+    where timing on the example input says it is faster (None). Outputs equal the finalized model's
+    up to float rounding.
     """
     if kernel != "auto" and kernel not in KERNELS:
         raise ValueError(f"kernel must be 'auto' or one of {KERNELS}, got {kernel!r}")
@@ -321,6 +325,11 @@ def optimize_for_inference(
     for name, item in folded.items():
         choice = _default_kernel(item.layer) if kernel == "auto" else kernel
         _set(model, name, _build(item, choice))
+    inside = tuple(f"{name}." for name in folded)
+    grouped = [name for name, m in model.named_modules() if _densifiable(m) and not name.startswith(inside)]
+    if dense_grouped:
+        for name in grouped:
+            _set(model, name, DenseGroupedConv2d.from_grouped(model.get_submodule(name)))
     if example_input is None:
         if channels_last:
             model.to(memory_format=torch.channels_last)
@@ -329,12 +338,22 @@ def optimize_for_inference(
         channels_last = _faster_channels_last(model, example_input, repeats)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
-    if kernel == "auto":
-        inputs = _captured_inputs(model, list(folded), example_input.to(memory_format=memory_format))
-        for name, item in folded.items():
-            if name in inputs:
-                _set(model, name, _fastest(item, inputs[name], memory_format, repeats))
+    tuned = list(folded) if kernel == "auto" else []
+    tuned += grouped if dense_grouped is None else []
+    inputs = _captured_inputs(model, tuned, example_input.to(memory_format=memory_format)) if tuned else {}
+    for name, x in inputs.items():
+        if name in folded:
+            candidates = [_build(folded[name], choice) for choice in KERNELS]
+        else:
+            conv = model.get_submodule(name)
+            candidates = [conv, DenseGroupedConv2d.from_grouped(conv)]
+        _set(model, name, _fastest([c.to(memory_format=memory_format) for c in candidates], x, repeats))
     return model
+
+
+def _densifiable(module: nn.Module) -> bool:
+    """A plain grouped conv with few groups (a depthwise conv would cost far too much when dense)."""
+    return type(module) is nn.Conv2d and 1 < module.groups <= 8
 
 
 def _padding(layer: CondensedConv2d) -> tuple[int, ...]:
@@ -352,11 +371,8 @@ def _faster_channels_last(model: nn.Module, example: Tensor, repeats: int) -> bo
     return times[True] < times[False]
 
 
-def _fastest(
-    item: _Folded, x: Tensor, memory_format: torch.memory_format, repeats: int
-) -> FusedCondensedConv2d:
-    """The candidate kernel that runs ``x`` fastest (all compute the same function)."""
-    candidates = [_build(item, kernel).to(memory_format=memory_format) for kernel in KERNELS]
+def _fastest(candidates: Sequence[nn.Module], x: Tensor, repeats: int) -> nn.Module:
+    """The candidate that runs ``x`` fastest (all compute the same function)."""
     with torch.inference_mode():
         times = [_median_ms(candidate, x, repeats) for candidate in candidates]
     return candidates[times.index(min(times))]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lgconv
-from lgconv.layers import Folded, FusedCondensedConv2d, LearnedGroupConv
+from lgconv.layers import DenseGroupedConv2d, Folded, FusedCondensedConv2d, LearnedGroupConv
 from lgconv.layers.fused_condensed_conv import KERNELS
 from lgconv.models import CondenseNet
 from lgconv.models.condensenet import condense_network
@@ -217,3 +217,26 @@ def test_errors_name_the_fix():
         lgconv.optimize_for_inference(copy.deepcopy(final).train())
     with pytest.raises(ValueError, match="no CondensedConv2d"):
         lgconv.optimize_for_inference(nn.Sequential(nn.Conv2d(3, 3, 1)).eval())
+
+
+@pytest.mark.parametrize("dense_grouped", [True, None])
+def test_grouped_convs_densified_equal_masked_and_reload(tmp_path, dense_grouped):
+    torch.manual_seed(0)
+    masked = condense_all(perturb_(lgconv.models.condensenet50())).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = lgconv.optimize_for_inference(
+        lgconv.finalize(copy.deepcopy(masked)),
+        x if dense_grouped is None else None,
+        kernel="grouped",
+        dense_grouped=dense_grouped,
+        repeats=1,
+    )
+    dense = [m for m in fast.modules() if isinstance(m, DenseGroupedConv2d)]
+    if dense_grouped:
+        assert len(dense) == 24 and all(m.groups == 1 and m.folded_groups == 4 for m in dense)
+    assert all(m.conv.groups == 4 for m in fast.modules() if isinstance(m, FusedCondensedConv2d))
+    lgconv.save(fast, tmp_path / "m.safetensors")
+    loaded = lgconv.load(tmp_path / "m.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), masked(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loaded(x), fast(x), atol=1e-6, rtol=1e-6)

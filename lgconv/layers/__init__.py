@@ -2,7 +2,7 @@
 
 from lgconv.layers.condensed_conv import CondensedConv2d
 from lgconv.layers.condensed_linear import CondensedLinear
-from lgconv.layers.fused_condensed_conv import Folded, FusedCondensedConv2d
+from lgconv.layers.fused_condensed_conv import DenseGroupedConv2d, Folded, FusedCondensedConv2d
 from lgconv.layers.learned_group import LearnedGroupMixin
 from lgconv.layers.learned_group_conv import LearnedGroupConv
 from lgconv.layers.learned_group_linear import LearnedGroupLinear
@@ -10,6 +10,7 @@ from lgconv.layers.learned_group_linear import LearnedGroupLinear
 __all__ = [
     "CondensedConv2d",
     "CondensedLinear",
+    "DenseGroupedConv2d",
     "Folded",
     "FusedCondensedConv2d",
     "LearnedGroupConv",

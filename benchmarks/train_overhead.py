@@ -31,7 +31,7 @@ import lgconv  # noqa: E402
 from lgconv.scheduler import learned_group_layers  # noqa: E402
 
 FULL = {"condensenet86": (64, 32), "resnet50": (16, 64)}
-SMOKE = {"condensenet86": (4, 32)}
+SMOKE = {"condensenet50": (2, 32)}
 
 
 def _step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], object]:
@@ -84,11 +84,11 @@ def training_rows(name: str, batch: int, size: int, args: argparse.Namespace) ->
     return rows
 
 
-def condense_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One ``condense()`` on every learned group layer of a condensified timm ResNet-50 (G = C = 4)."""
+def condense_rows(arch: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One ``condense()`` on every learned group layer of a condensified timm model (G = C = 4)."""
     import timm
 
-    model = lgconv.condensify(timm.create_model("resnet50", pretrained=False), groups=4, condense_factor=4)
+    model = lgconv.condensify(timm.create_model(arch, pretrained=False), groups=4, condense_factor=4)
     layers = [layer for _, layer in learned_group_layers(model)]
 
     def reset() -> None:
@@ -105,11 +105,11 @@ def condense_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     timing = _timing.interleaved({"condense": condense_all}, rounds=args.rounds, min_round_s=args.min_round_s)
     t = timing["condense"]
-    print(f"  one condensing step, {len(layers)} layers of resnet50: {t.median_ms:.2f} ms", end="")
+    print(f"  one condensing step, {len(layers)} layers of {arch}: {t.median_ms:.2f} ms", end="")
     print(f"  [{t.low_ms:.2f}-{t.high_ms:.2f}]")
     return [
         {
-            "what": f"condense() on all {len(layers)} layers of resnet50",
+            "what": f"condense() on all {len(layers)} layers of {arch}",
             "form": "condense",
             "timing": t,
             "vs_unmodified": None,
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, (batch, size) in (SMOKE if args.smoke else FULL).items():
         rows += training_rows(name, batch, size, args)
-    rows += condense_rows(args)
+    rows += condense_rows("resnet26" if args.smoke else "resnet50", args)
     machine["load_average_end"] = _timing.machine()["load_average"]
     if args.json:
         _timing.write_json(args.json, {"machine": machine, "rows": rows})

@@ -149,7 +149,8 @@ def test_api_reference_examples_run_and_print_what_is_pasted(
         following = blocks[position + 1] if position + 1 < len(blocks) else None
         if following is not None and following[0] == "text":
             assert stdout.getvalue().rstrip() == following[1].rstrip(), (
-                f"docs/api.md: the output pasted after python block {position} is not what it prints"
+                f"docs/api.md: the output pasted after python block {position} is not what it prints; "
+                f"paste this instead:\n{stdout.getvalue()}"
             )
 
 

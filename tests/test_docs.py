@@ -117,18 +117,28 @@ def test_documented_signatures_are_the_real_ones() -> None:
     assert not wrong, "docs/api.md signatures differ from the code:\n" + "\n".join(wrong)
 
 
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors of a markdown page: lower case, punctuation dropped, spaces to '-'."""
+    headings = re.findall(r"^#+\s+(.*?)\s*$", FENCE.sub("", page.read_text()), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
 def test_every_relative_link_points_at_an_existing_file() -> None:
+    """Links in README.md and docs/*.md to files (and to headings, when they name one) resolve."""
     broken = []
     for page in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
         if not page.exists():
             continue
         prose = re.sub(r"`[^`\n]*`", "", FENCE.sub("", page.read_text()))
         for target in LINK.findall(prose):
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-                continue  # an absolute URL (http:, mailto:) or an anchor on the same page
-            path = (page.parent / target.split("#", 1)[0]).resolve()
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+                continue  # an absolute URL (http:, mailto:)
+            file, _, anchor = target.partition("#")
+            path = (page.parent / file).resolve() if file else page
             if not path.exists():
-                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+                broken.append(f"{page.relative_to(ROOT)} -> {target} (no such file)")
+            elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+                broken.append(f"{page.relative_to(ROOT)} -> {target} (no such heading)")
     assert not broken, "broken relative links:\n" + "\n".join(broken)
 
 

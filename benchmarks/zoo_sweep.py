@@ -144,7 +144,7 @@ def count_flops(model: nn.Module, x: Tensor) -> int:
         for parameter in trainable:
             parameter.requires_grad_(False)
         with counter, torch.no_grad():
-            model(x)
+            model.eval()(x)
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
@@ -197,13 +197,17 @@ def _one_line(error: BaseException) -> str:
 
 
 def _run_dense(key: str, model: nn.Module, preferred: int) -> tuple[Tensor, str]:
-    """A batch-2 input of the smallest size the dense model runs on, else raise the last error."""
+    """A batch-2 input of the smallest size the dense model runs on, else raise the last error.
+
+    Both modes are tried: a training-only branch (Inception's auxiliary head) may need a larger input.
+    """
     error: Exception | None = None
     for size in input_sizes(key, model, preferred):
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
         try:
             with torch.no_grad():
                 model.eval()(x)
+                model.train()(x)
             return x, f"{size}x{size}"
         except Exception as exc:  # the model does not accept this size: try the next one
             error = exc

@@ -1,8 +1,8 @@
 """Train a CondenseNet with lgconv, then finalize it: the paper's CIFAR recipe as a script.
 
     python examples/condensenet_cifar.py                   # CIFAR-10, CondenseNet-86, 300 epochs
-    python examples/condensenet_cifar.py --dataset digits --model condensenet50 --epochs 6 --batch-size 32
-    python examples/condensenet_cifar.py --dataset fashion-mnist --subset 10000 --epochs 30
+    python examples/condensenet_cifar.py --dataset digits --model condensenet50 --epochs 6 --threads 1
+    python examples/condensenet_cifar.py --dataset fashion-mnist --subset 2000 --epochs 6
     torchrun --nproc_per_node 4 examples/condensenet_cifar.py --dataset cifar100   # multi-GPU (DDP)
 
 Only lgconv's public API is used: a preset from ``lgconv.models`` (1x1 convolutions condensified,

@@ -282,9 +282,10 @@ def optimize_for_inference(
     """Fold neighbouring batch norms into every ``CondensedConv2d`` and pick its fastest exact kernel.
 
     The model must be finalized and in eval mode (batch norms use running statistics); it is changed
-    in place and returned. With ``example_input`` each layer's kernel is chosen by timing the
-    candidates on the input that layer sees, and ``channels_last=None`` picks the faster memory
-    format for the whole model; without it, 1x1 layers use the dense kernel and the format is kept.
+    in place and returned. With ``example_input`` (use the batch size you will serve) each layer's
+    kernel is chosen by timing the candidates on the input that layer sees; ``channels_last=None``
+    tunes under both memory formats and keeps the faster whole model. Without it, 1x1 layers use the
+    dense kernel and the memory format changes only if ``channels_last=True``.
     ``kernel`` forces one of ``"grouped"``, ``"dense"``, ``"dense_kept"`` everywhere; ``fold=False``
     leaves the batch norms alone. ``dense_grouped`` turns the model's other grouped convs (up to 8
     groups, e.g. CondenseNet's 3x3) into ``DenseGroupedConv2d``: always (True), never (False), or

@@ -72,8 +72,11 @@ def _chains(model: nn.Module) -> list[_Chain]:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
 
-    def single_module(node: object, users: int = 1) -> str | None:
-        if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.users) != users:
+    def single_module(node: object, only_user: bool = True) -> str | None:
+        """The module ``node`` calls, if that module runs once and (``only_user``) feeds one node."""
+        if not isinstance(node, fx.Node) or node.op != "call_module":
+            return None
+        if only_user and len(node.users) != 1:
             return None
         return node.target if calls[node.target] == 1 else None
 
@@ -95,7 +98,7 @@ def _chains(model: nn.Module) -> list[_Chain]:
             pre_norm = source
         post_norm, post_relu = None, False
         if len(node.users) == 1:
-            user = single_module(next(iter(node.users)), users=len(next(iter(node.users)).users))
+            user = single_module(next(iter(node.users)), only_user=False)
             relu = None if user is None else _norm_relu(modules[user])
             if relu is not None:
                 post_norm, post_relu = user, relu

@@ -46,10 +46,12 @@ def test_tiny_run_ends_with_finalized_model_table_log_and_plot(example: ModuleTy
     )
     assert rows[-1]["stage"] == "optimization" and rows[-1]["lr"] == pytest.approx(0.0)
     assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    masked, final = json.loads((tmp_path / "summary.json").read_text())["rows"]
-    assert final["test_acc"] == masked["test_acc"]
+    masked, final, optimized = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert final["test_acc"] == masked["test_acc"] == optimized["test_acc"]
     assert final["params"] < 0.5 * masked["params"] and final["flops_paper"] < 0.5 * masked["flops_paper"]
-    assert "same predictions: True" in result.output and "gives back outputs within 0.0e+00" in result.output
+    assert optimized["form"] == "finalized + optimized"
+    assert "finalized / masked" in result.output and "same accuracy: True" in result.output
+    assert "gives back outputs within 0.0e+00" in result.output
     model = lgconv.load(tmp_path / "model_final.safetensors")
     assert any(isinstance(m, lgconv.CondensedConv2d) for m in model.modules())
     assert isinstance(model.classifier, lgconv.CondensedLinear)

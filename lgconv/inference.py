@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lgconv.layers import CondensedConv2d
+from lgconv.layers.conv_geometry import conv_geometry
 from lgconv.layers.fused_condensed_conv import KERNELS, DenseGroupedConv2d, Folded, FusedCondensedConv2d
 from lgconv.layers.learned_group import LearnedGroupMixin, grouped_order
 
@@ -203,18 +204,14 @@ def _build(folded: _Folded, kernel: str) -> FusedCondensedConv2d:
     fused = FusedCondensedConv2d(
         layer.in_channels,
         layer.out_channels,
-        conv.kernel_size,
         kernel=kernel,
         groups=groups,
         gathered=None if index is None else index.numel(),
         clamp=folded.low is not None,
         reorder=order is not None,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        padding_mode=conv.padding_mode,
         device=conv.weight.device,
         dtype=conv.weight.dtype,
+        **conv_geometry(conv),
     )
     dtype = conv.weight.dtype
     with torch.no_grad():

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lgconv.layers.conv_geometry import conv_geometry
 from lgconv.layers.learned_group import Layout, grouped_order
 from lgconv.layers.learned_group_conv import LearnedGroupConv
 
@@ -70,17 +71,13 @@ class CondensedConv2d(nn.Module):
         condensed = cls(
             layer.in_channels,
             layer.out_channels,
-            layer.kernel_size,
             groups=groups,
             kept_inputs=kept,
             layout=layer.layout,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
             bias=layer.bias is not None,
-            padding_mode=layer.padding_mode,
             device=weight.device,
             dtype=weight.dtype,
+            **conv_geometry(layer),
         )
         rows = grouped_order(layer.out_channels, groups, layer.layout).to(weight.device)
         row_group = torch.arange(layer.out_channels, device=weight.device) // (layer.out_channels // groups)
@@ -95,19 +92,14 @@ class CondensedConv2d(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments (JSON-ready) that rebuild this layer's structure; the index is a buffer."""
-        conv = self.conv
         return {
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
-            "kernel_size": list(conv.kernel_size),
             "groups": self.groups,
             "kept_inputs": self.kept_inputs,
             "layout": self.layout,
-            "stride": list(conv.stride),
-            "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
-            "dilation": list(conv.dilation),
-            "bias": conv.bias is not None,
-            "padding_mode": conv.padding_mode,
+            "bias": self.conv.bias is not None,
+            **conv_geometry(self.conv),
         }
 
     @classmethod

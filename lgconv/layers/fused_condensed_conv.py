@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lgconv.layers.conv_geometry import conv_geometry
+
 KERNELS: tuple[str, ...] = ("grouped", "dense", "dense_kept")
 
 
@@ -74,20 +76,15 @@ class FusedCondensedConv2d(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments (JSON-ready) that rebuild this layer's structure; values are in buffers."""
-        conv = self.conv
         return {
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
-            "kernel_size": list(conv.kernel_size),
             "kernel": self.kernel,
-            "groups": conv.groups,
+            "groups": self.conv.groups,
             "gathered": None if self.index is None else self.index.numel(),
             "clamp": self.low is not None,
             "reorder": self.order is not None,
-            "stride": list(conv.stride),
-            "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
-            "dilation": list(conv.dilation),
-            "padding_mode": conv.padding_mode,
+            **conv_geometry(self.conv),
         }
 
     @classmethod
@@ -152,15 +149,11 @@ class DenseGroupedConv2d(nn.Conv2d):
         dense = cls(
             conv.in_channels,
             conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
             bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
             folded_groups=groups,
             device=conv.weight.device,
             dtype=conv.weight.dtype,
+            **conv_geometry(conv),
         )
         outputs, inputs = conv.out_channels // groups, conv.in_channels // groups
         with torch.no_grad():
@@ -179,13 +172,9 @@ class DenseGroupedConv2d(nn.Conv2d):
         return {
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
-            "kernel_size": list(self.kernel_size),
-            "stride": list(self.stride),
-            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
-            "dilation": list(self.dilation),
             "bias": self.bias is not None,
-            "padding_mode": self.padding_mode,
             "folded_groups": self.folded_groups,
+            **conv_geometry(self),
         }
 
     @classmethod

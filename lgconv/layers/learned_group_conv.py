@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lgconv.layers.conv_geometry import conv_geometry
 from lgconv.layers.learned_group import Layout, LearnedGroupMixin
 
 
@@ -67,17 +68,13 @@ class LearnedGroupConv(LearnedGroupMixin, nn.Conv2d):
         layer = cls(
             conv.in_channels,
             conv.out_channels,
-            conv.kernel_size,
             learned_groups=learned_groups,
             condense_factor=condense_factor,
             layout=layout,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
             bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
             device="meta",
             dtype=conv.weight.dtype,
+            **conv_geometry(conv),
         )
         layer.weight = conv.weight
         layer.bias = conv.bias
@@ -89,15 +86,11 @@ class LearnedGroupConv(LearnedGroupMixin, nn.Conv2d):
         return {
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
-            "kernel_size": list(self.kernel_size),
             "learned_groups": self.learned_groups,
             "condense_factor": self.condense_factor,
             "layout": self.layout,
-            "stride": list(self.stride),
-            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
-            "dilation": list(self.dilation),
             "bias": self.bias is not None,
-            "padding_mode": self.padding_mode,
+            **conv_geometry(self),
         }
 
     @classmethod

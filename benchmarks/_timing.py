@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -122,3 +123,46 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def timing_cells(timing: Timing) -> list[str]:
+    """The median and the range of one timing, as table cells."""
+    return [f"{timing.median_ms:.2f}", f"{timing.low_ms:.2f}-{timing.high_ms:.2f}"]
+
+
+def add_run_options(parser: argparse.ArgumentParser, smoke_help: str) -> None:
+    """The options every benchmark script takes: smoke mode, rounds, threads and where to write."""
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, smoke 2)")
+    parser.add_argument("--min-round-s", type=float, default=None, help="seconds per form per round")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=None, help="where to write the results")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
+
+
+def start_run(args: argparse.Namespace, min_round_s: float) -> dict[str, Any]:
+    """Fill the round defaults (``min_round_s`` for a full run), set threads, print the machine."""
+    args.rounds = args.rounds or (2 if args.smoke else 7)
+    if args.min_round_s is None:
+        args.min_round_s = 0.0 if args.smoke else min_round_s
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    description = machine()
+    description["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
+    print(f"Machine: {machine_line(description)}")
+    return description
+
+
+def finish_run(
+    args: argparse.Namespace,
+    description: dict[str, Any],
+    rows: list[dict[str, Any]],
+    markdown: Callable[[list[dict[str, Any]], dict[str, Any]], str],
+) -> None:
+    """Record the load at the end and write the JSON and markdown results that were asked for."""
+    description["load_average_end"] = machine()["load_average"]
+    if args.json:
+        write_json(args.json, {"machine": description, "rows": rows})
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(rows, description))

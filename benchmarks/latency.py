@@ -151,8 +151,7 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
                 r["model"],
                 r["batch"],
                 r["form"],
-                f"{r['timing'].median_ms:.2f}",
-                f"{r['timing'].low_ms:.2f}-{r['timing'].high_ms:.2f}",
+                *_timing.timing_cells(r["timing"]),
                 f"{r['vs_naive']:.2f}x",
                 f"{r['vs_masked']:.2f}x",
                 f"{r['flop_ratio']:.2f}",
@@ -166,14 +165,9 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="one small network, tiny batches: seconds")
+    _timing.add_run_options(parser, smoke_help="one small network, tiny batches: seconds")
     parser.add_argument("--models", nargs="*", help="networks to time (default: all of the full run)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, smoke 2)")
-    parser.add_argument("--min-round-s", type=float, default=None, help="seconds per form per round")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip ablation rows")
-    parser.add_argument("--json", type=Path, default=None, help="where to write the results")
-    parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     if args.models:
@@ -181,20 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(_models.BUILDERS)}")
         plan = {name: plan.get(name, FULL.get(name, (1, 2))) for name in args.models}
-    args.rounds = args.rounds or (2 if args.smoke else 7)
-    args.min_round_s = args.min_round_s if args.min_round_s is not None else (0.0 if args.smoke else 0.2)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    machine = _timing.machine()
-    machine["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
-    print(f"Machine: {_timing.machine_line(machine)}")
+    machine = _timing.start_run(args, min_round_s=0.2)
     rows = [row for name, batches in plan.items() for row in bench_network(name, batches, args)]
-    machine["load_average_end"] = _timing.machine()["load_average"]
-    if args.json:
-        _timing.write_json(args.json, {"machine": machine, "rows": rows})
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(rows, machine))
+    _timing.finish_run(args, machine, rows, markdown)
     return 0
 
 

@@ -124,8 +124,7 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
             [
                 r["what"],
                 r["form"],
-                f"{r['timing'].median_ms:.2f}",
-                f"{r['timing'].low_ms:.2f}-{r['timing'].high_ms:.2f}",
+                *_timing.timing_cells(r["timing"]),
                 "" if r["vs_unmodified"] is None else f"{r['vs_unmodified']:.3f}x",
             ]
             for r in rows
@@ -136,30 +135,14 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny batch, few rounds: seconds")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, smoke 2)")
-    parser.add_argument("--min-round-s", type=float, default=None, help="seconds per form per round")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--json", type=Path, default=None, help="where to write the results")
-    parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
+    _timing.add_run_options(parser, smoke_help="tiny batch, few rounds: seconds")
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.smoke else 7)
-    args.min_round_s = args.min_round_s if args.min_round_s is not None else (0.0 if args.smoke else 0.3)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    machine = _timing.machine()
-    machine["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
-    print(f"Machine: {_timing.machine_line(machine)}")
+    machine = _timing.start_run(args, min_round_s=0.3)
     rows = []
     for name, (batch, size) in (SMOKE if args.smoke else FULL).items():
         rows += training_rows(name, batch, size, args)
     rows += condense_rows("resnet26" if args.smoke else "resnet50", args)
-    machine["load_average_end"] = _timing.machine()["load_average"]
-    if args.json:
-        _timing.write_json(args.json, {"machine": machine, "rows": rows})
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(rows, machine))
+    _timing.finish_run(args, machine, rows, markdown)
     return 0
 
 

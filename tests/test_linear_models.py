@@ -8,7 +8,6 @@ linear layers; after a few training steps with the scheduler, ``finalize`` makes
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from typing import Any
 
 import pytest
@@ -16,10 +15,9 @@ import torch
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from zoo_lifecycle import EXPECTED_STAGES, GROUPS, build, run_lifecycle
+from zoo_lifecycle import EXPECTED_STAGES, GROUPS, assert_finalized_as_planned, build, run_lifecycle
 
 import lgconv
-from lgconv.layers.learned_group import LearnedGroupMixin
 
 MLP = ["*mlp.fc1", "*mlp.fc2"]
 
@@ -61,16 +59,7 @@ def check_linear_model(factory: Any, size: int, include: list[str]) -> None:
     assert result["condensed"] == len(eligible)
     assert result["missing_grads"] == []
     assert result["stages"] == [[s] for s in EXPECTED_STAGES]
-    final = result["model"]
-    assert not any(isinstance(m, LearnedGroupMixin) for m in final.modules())
-    assert sum(isinstance(m, lgconv.CondensedLinear) for m in final.modules()) == len(eligible)
-    scale = max(float(result["masked"].abs().max()), 1.0)
-    torch.testing.assert_close(result["finalized"], result["masked"], rtol=1e-5, atol=1e-5 * scale)
-    assert result["dense_flops"] - result["final_flops"] == result["planned_drop"] > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # operators without a FLOP rule (activations) are summarised
-        report = lgconv.count_flops(final, inputs=x[:1])
-    assert 2 * (report.dense_total - report.total) == result["planned_drop"]
+    assert_finalized_as_planned(result, x, lgconv.CondensedLinear)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

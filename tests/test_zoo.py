@@ -12,17 +12,22 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from click.testing import CliRunner
-from zoo_lifecycle import EXPECTED_STAGES, GROUPS, build, input_batch, run_lifecycle
+from zoo_lifecycle import (
+    EXPECTED_STAGES,
+    GROUPS,
+    assert_finalized_as_planned,
+    build,
+    input_batch,
+    run_lifecycle,
+)
 
 import lgconv
-from lgconv.layers.learned_group import LearnedGroupMixin
 
 FAST = [
     ("timm", "test_resnet", {}),
@@ -82,18 +87,8 @@ def check_model(source: str, name: str, kwargs: dict[str, Any], tmp_path: Any) -
     assert result["missing_grads"] == [], f"parameters without a gradient: {result['missing_grads'][:5]}"
     assert result["stages"] == [[s] for s in EXPECTED_STAGES]
     assert result["lasso_after"] == 0.0
+    assert_finalized_as_planned(result, x, lgconv.CondensedConv2d)
     final = result["model"]
-    assert not any(isinstance(m, LearnedGroupMixin) for m in final.modules())
-    assert sum(isinstance(m, lgconv.CondensedConv2d) for m in final.modules()) == result["condensed"]
-    scale = max(float(result["masked"].abs().max()), 1.0)
-    torch.testing.assert_close(result["finalized"], result["masked"], rtol=1e-5, atol=1e-5 * scale)
-    assert result["dense_flops"] - result["final_flops"] == result["planned_drop"] > 0
-
-    # lgconv's own counter (fvcore, multiply-adds) agrees: dense minus effective is the planned drop.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # operators without a FLOP rule (activations) are summarised
-        report = lgconv.count_flops(final, inputs=x[:1])
-    assert 2 * (report.dense_total - report.total) == result["planned_drop"]
 
     path = tmp_path / f"{name}.lgconv"
     # timm models name their architecture themselves, but not the keyword arguments they were

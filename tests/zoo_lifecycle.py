@@ -121,3 +121,18 @@ def run_lifecycle(model: nn.Module, x: Tensor, **options: Any) -> dict[str, Any]
         "final_flops": torch_flops(final, x[:1]),
         "planned_drop": removed,
     }
+
+
+def assert_finalized_as_planned(result: dict[str, Any], x: Tensor, condensed_type: type) -> None:
+    """The finalized model holds only ``condensed_type`` layers, equals the masked model, and both
+    torch's counter and lgconv's (multiply-adds) see exactly the planned FLOP drop."""
+    final = result["model"]
+    assert not any(isinstance(m, LearnedGroupMixin) for m in final.modules())
+    assert sum(isinstance(m, condensed_type) for m in final.modules()) == result["condensed"]
+    scale = max(float(result["masked"].abs().max()), 1.0)
+    torch.testing.assert_close(result["finalized"], result["masked"], rtol=1e-5, atol=1e-5 * scale)
+    assert result["dense_flops"] - result["final_flops"] == result["planned_drop"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # operators without a FLOP rule (activations) are summarised
+        report = lgconv.count_flops(final, inputs=x[:1])
+    assert 2 * (report.dense_total - report.total) == result["planned_drop"]

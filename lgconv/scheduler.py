@@ -91,6 +91,7 @@ class CondensationScheduler:
         self.condense_end = float(condense_end)
         self.process_group = process_group
         self.step_count = 0
+        self._factors = sorted({layer.condense_factor for _, layer in self.layers})
         self._applied: dict[int, int] = {}
 
     @property
@@ -121,7 +122,7 @@ class CondensationScheduler:
         self._apply_due_stages()
 
     def _apply_due_stages(self) -> None:
-        targets = {m.condense_factor: self.target_stage(m.condense_factor) for _, m in self.layers}
+        targets = {factor: self.target_stage(factor) for factor in self._factors}
         if targets == self._applied:
             return
         changed = []

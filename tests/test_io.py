@@ -90,6 +90,7 @@ def test_loads_in_a_fresh_process_with_only_lgconv_imported(tmp_path: Path) -> N
         safetensors.torch.save_file({"x": x, "y": model(x)}, tmp_path / "io.safetensors")
     script = (
         "import sys, torch, lgconv, safetensors.torch as st\n"
+        "torch.set_num_threads(1)  # as the test process: the same kernels, so bit-equal outputs\n"
         "d = st.load_file(sys.argv[2]); m = lgconv.load(sys.argv[1]).eval()\n"
         "with torch.no_grad(): y = m(d['x'])\n"
         "assert torch.equal(y, d['y']), 'outputs differ'\n"

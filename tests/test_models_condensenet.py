@@ -177,3 +177,42 @@ def test_groups_that_do_not_divide_the_channels_name_the_layer() -> None:
 def test_condensenet_class_rejects_mismatched_stages_and_growth() -> None:
     with pytest.raises(ValueError, match="same, non-zero length"):
         models.CondenseNet((2, 2), (8, 16, 32))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("form", ["masked", "finalized", "optimised"])
+def test_preallocated_dense_blocks_equal_concatenation(memory_format, form) -> None:
+    """Without autograd the blocks fill one preallocated tensor; the values are the concatenation's."""
+    torch.manual_seed(0)
+    model = models.condensenet50(num_classes=7)
+    for module in model.modules():
+        while isinstance(module, (LearnedGroupConv, LearnedGroupLinear)) and not module.fully_condensed:
+            module.condense()
+    model.eval()
+    if form != "masked":
+        model = lgconv.finalize(model)
+    if form == "optimised":
+        model = lgconv.optimize_for_inference(model, kernel="matmul", channels_last=True)
+    model = model.to(memory_format=memory_format)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=memory_format)
+    blocks = [m for m in model.modules() if isinstance(m, models.condensenet.DenseBlock)]
+    with torch.no_grad():
+        preallocated = model(x)
+        for block in blocks:
+            block.preallocate = False
+        concatenated = model(x)
+    torch.testing.assert_close(preallocated, concatenated, rtol=1e-5, atol=1e-5)
+    inside = {}
+    blocks[0].register_forward_hook(lambda module, args, out: inside.setdefault("out", out))
+    blocks[0].preallocate = True
+    with torch.no_grad():
+        model(x)
+    assert inside["out"].is_contiguous(memory_format=memory_format)
+
+
+def test_blocks_concatenate_under_autograd_so_training_still_works() -> None:
+    torch.manual_seed(0)
+    model = models.condensenet50(num_classes=7).train()
+    loss = model(torch.randn(2, 3, 32, 32)).logsumexp(1).sum()
+    loss.backward()  # an in-place fill of a shared buffer would fail here
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 import lgconv
 from lgconv.models.registry import register_model
@@ -45,14 +45,24 @@ class DenseLayer(nn.Module):
         self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(width, growth, kernel_size=3, padding=1, groups=groups, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def new_features(self, x: Tensor) -> Tensor:
+        """The ``growth`` channels this layer adds to its input."""
         new = self.conv1(self.drop(self.relu1(self.norm1(x))))
-        new = self.conv2(self.relu2(self.norm2(new)))
-        return torch.cat([x, new], 1)
+        return self.conv2(self.relu2(self.norm2(new)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x, self.new_features(x)], 1)
 
 
 class DenseBlock(nn.Sequential):
-    """``num_layers`` dense layers of one growth rate: ``in + num_layers * growth`` channels out."""
+    """``num_layers`` dense layers of one growth rate: ``in + num_layers * growth`` channels out.
+
+    Concatenating after every layer copies all earlier features again, quadratic in depth. Without
+    autograd (``torch.no_grad`` / ``torch.inference_mode``) and with ``preallocate`` on, the block
+    instead allocates its output once and each layer writes only its new channels into it, reading
+    its input as a channel slice (same values, linear copying). Autograd keeps the concatenation,
+    whose inputs stay untouched for the backward pass.
+    """
 
     def __init__(
         self,
@@ -63,13 +73,43 @@ class DenseBlock(nn.Sequential):
         bottleneck: int,
         groups: int,
         drop_rate: float,
+        preallocate: bool = True,
     ) -> None:
         super().__init__()
+        self.preallocate = preallocate
         for i in range(num_layers):
             layer = DenseLayer(
                 in_channels + i * growth, growth, bottleneck=bottleneck, groups=groups, drop_rate=drop_rate
             )
             self.add_module(f"denselayer{i + 1}", layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if self.preallocate and not torch.is_grad_enabled() and not isinstance(x, fx.Proxy):
+                return self._forward_preallocated(x)
+        for layer in self:
+            x = layer(x)
+        return x
+
+    @torch.jit.unused
+    def _forward_preallocated(self, x: Tensor) -> Tensor:
+        """The block's output allocated once; every layer reads a channel slice and fills the next one."""
+        layers = list(self.children())
+        width = x.shape[1] + sum(layer.conv2.out_channels for layer in layers)
+        channels_last = x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1
+        out = torch.empty(
+            (x.shape[0], width, *x.shape[2:]),
+            dtype=x.dtype,
+            device=x.device,
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+        )
+        filled = x.shape[1]
+        out[:, :filled].copy_(x)
+        for layer in layers:
+            new = layer.new_features(out[:, :filled])
+            out[:, filled : filled + new.shape[1]].copy_(new)
+            filled += new.shape[1]
+        return out
 
 
 class CondenseNet(nn.Module):

@@ -20,7 +20,13 @@ from torch import Tensor, fx, nn
 
 from lgconv.layers import CondensedConv2d
 from lgconv.layers.conv_geometry import conv_geometry
-from lgconv.layers.fused_condensed_conv import KERNELS, DenseGroupedConv2d, Folded, FusedCondensedConv2d
+from lgconv.layers.fused_condensed_conv import (
+    KERNELS,
+    POINTWISE_KERNELS,
+    DenseGroupedConv2d,
+    Folded,
+    FusedCondensedConv2d,
+)
 from lgconv.layers.learned_group import LearnedGroupMixin, grouped_order
 
 
@@ -207,7 +213,7 @@ def _build(folded: _Folded, kernel: str) -> FusedCondensedConv2d:
         kernel=kernel,
         groups=groups,
         gathered=None if index is None else index.numel(),
-        clamp=folded.low is not None,
+        clamp=_clamp_sides(folded),
         reorder=order is not None,
         device=conv.weight.device,
         dtype=conv.weight.dtype,
@@ -217,15 +223,34 @@ def _build(folded: _Folded, kernel: str) -> FusedCondensedConv2d:
     with torch.no_grad():
         if index is not None:
             fused.index.copy_(index)
-        if folded.low is not None:
-            positions = slice(None) if index is None else index
-            fused.low.copy_(folded.low[positions].view(fused.low.shape).to(dtype))
-            fused.high.copy_(folded.high[positions].view(fused.high.shape).to(dtype))
+        positions = slice(None) if index is None else index
+        for bound, values in ((fused.low, folded.low), (fused.high, folded.high)):
+            if bound is not None:
+                bound.copy_(values[positions].view(bound.shape).to(dtype))
         if order is not None:
             fused.order.copy_(order)
         fused.conv.weight.copy_(weight.to(dtype))
         fused.conv.bias.copy_(bias.to(dtype))
     return fused.eval()
+
+
+def _pointwise(layer: CondensedConv2d) -> bool:
+    """A 1x1 conv with stride 1 and no padding: a plain matrix product over the pixels."""
+    conv = layer.conv
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and _padding(layer) in ((0,), (0, 0))
+
+
+def _kernels(layer: CondensedConv2d) -> tuple[str, ...]:
+    """The kernels that can compute ``layer``."""
+    return KERNELS if _pointwise(layer) else tuple(k for k in KERNELS if k not in POINTWISE_KERNELS)
+
+
+def _clamp_sides(folded: _Folded) -> str | None:
+    """Which clamp bounds ``folded`` needs: a side that is infinite for every input is left out."""
+    if folded.low is None:
+        return None
+    low, high = bool(torch.isfinite(folded.low).any()), bool(torch.isfinite(folded.high).any())
+    return "both" if low and high else "low" if low else "high" if high else None
 
 
 def _default_kernel(layer: CondensedConv2d) -> str:
@@ -286,7 +311,8 @@ def optimize_for_inference(
     kernel is chosen by timing the candidates on the input that layer sees; ``channels_last=None``
     tunes under both memory formats and keeps the faster whole model. Without it, 1x1 layers use the
     dense kernel and the memory format changes only if ``channels_last=True``.
-    ``kernel`` forces one of ``"grouped"``, ``"dense"``, ``"dense_kept"`` everywhere; ``fold=False``
+    ``kernel`` forces one of ``"grouped"``, ``"dense"``, ``"dense_kept"`` everywhere, or ``"matmul"``
+    (1x1 layers with stride 1 and no padding; the others then get ``"dense"``); ``fold=False``
     leaves the batch norms alone. ``dense_grouped`` turns the model's other grouped convs (up to 8
     groups, e.g. CondenseNet's 3x3) into ``DenseGroupedConv2d``: always (True), never (False), or
     where timing on the example input says it is faster (None). Outputs equal the finalized model's
@@ -325,6 +351,7 @@ def optimize_for_inference(
             _set(model, chain.post_norm, Folded(relu=chain.post_relu))
     for name, item in folded.items():
         choice = _default_kernel(item.layer) if kernel == "auto" else kernel
+        choice = choice if choice in _kernels(item.layer) else "dense"
         _set(model, name, _build(item, choice))
     inside = tuple(f"{name}." for name in folded)
     grouped = [name for name, m in model.named_modules() if _densifiable(m) and not name.startswith(inside)]
@@ -339,7 +366,7 @@ def optimize_for_inference(
     candidates: dict[str, list[nn.Module]] = {}
     if kernel == "auto":
         candidates.update(
-            {name: [_build(item, choice) for choice in KERNELS] for name, item in folded.items()}
+            {name: [_build(item, choice) for choice in _kernels(item.layer)] for name, item in folded.items()}
         )
     if dense_grouped is None:
         candidates.update(

@@ -13,7 +13,7 @@ from torch import nn
 
 import lgconv
 from lgconv.layers import DenseGroupedConv2d, Folded, FusedCondensedConv2d, LearnedGroupConv
-from lgconv.layers.fused_condensed_conv import KERNELS
+from lgconv.layers.fused_condensed_conv import KERNELS, POINTWISE_KERNELS
 from lgconv.models import CondenseNet
 from lgconv.models.condensenet import condense_network
 
@@ -86,7 +86,9 @@ def test_optimised_equals_masked_float64(
         )
         actual = fast(x.clone())
     torch.testing.assert_close(actual, expected, atol=1e-10, rtol=1e-10)
-    assert isinstance(fast.conv1, FusedCondensedConv2d) and fast.conv1.kernel == fused_kernel
+    pointwise_only = fused_kernel in POINTWISE_KERNELS and kernel != 1
+    assert isinstance(fast.conv1, FusedCondensedConv2d)
+    assert fast.conv1.kernel == ("dense" if pointwise_only else fused_kernel)
     folded_pre = fold and kernel == 1  # a padded conv cannot take the shift of its input norm
     assert isinstance(fast.norm1, Folded) == folded_pre
     assert isinstance(fast.relu1, Folded) == folded_pre
@@ -96,15 +98,16 @@ def test_optimised_equals_masked_float64(
 
 @pytest.mark.parametrize("fused_kernel", KERNELS)
 def test_kernel_structure(fused_kernel):
-    """grouped gathers and reorders, dense needs neither, dense_kept gathers only the kept inputs."""
+    """grouped gathers and reorders, dense and matmul do neither, dense_kept gathers only the kept inputs."""
     masked = _masked_net(GroupConfig(16, 8, 4, 4, "interleaved"), 1, 3, False, "positive", 0)
     final = lgconv.finalize(copy.deepcopy(masked))
     layer = lgconv.optimize_for_inference(final, kernel=fused_kernel).conv1
     kept = masked.conv1.group_mask().any(0).sum().item()
+    assert layer.clamp == "low"  # every batch norm scale is positive: a one-sided maximum suffices
     if fused_kernel == "grouped":
         assert layer.conv.groups == 4 and layer.order is not None
         assert layer.index.numel() == 4 * masked.conv1.kept_inputs.item()
-    elif fused_kernel == "dense":
+    elif fused_kernel in ("dense", "matmul"):
         assert layer.conv.groups == 1 and layer.index is None and layer.order is None
     else:
         assert layer.conv.groups == 1 and layer.index.numel() == kept and layer.order is None
@@ -240,3 +243,22 @@ def test_grouped_convs_densified_equal_masked_and_reload(tmp_path, dense_grouped
     with torch.no_grad():
         torch.testing.assert_close(fast(x), masked(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(loaded(x), fast(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_matmul_kernel_reads_channel_slices_of_a_wider_tensor(memory_format):
+    """A dense block hands layers a channel slice of its preallocated output: strided, not contiguous."""
+    masked = _masked_net(GroupConfig(16, 8, 4, 4, "interleaved"), 1, 3, True, "mixed", 0)
+    final = lgconv.finalize(copy.deepcopy(masked))
+    dense = lgconv.optimize_for_inference(copy.deepcopy(final), fold=False, kernel="dense").conv1
+    matmul = lgconv.optimize_for_inference(copy.deepcopy(final), fold=False, kernel="matmul").conv1
+    wide = torch.randn(2, 24, 5, 5, dtype=torch.float64).contiguous(memory_format=memory_format)
+    x = wide[:, :16]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(matmul(x), dense(x), atol=1e-10, rtol=1e-10)
+
+
+def test_matmul_kernel_refuses_what_is_not_a_pointwise_conv():
+    with pytest.raises(ValueError, match="kernel='dense'"):
+        FusedCondensedConv2d(8, 8, 3, kernel="matmul", padding=1)

@@ -2,8 +2,8 @@
 
 dense (unmodified) -> masked (condensified, every layer condensed to the end) -> naive (what the
 CondenseNet reference code's conversion builds: gather, grouped conv, channel shuffle, the batch
-norm and ReLU before it still over all inputs) / finalized (``lgconv.finalize``) / optimised
-(``lgconv.optimize_for_inference`` on the finalized model).
+norm and ReLU before it still over all inputs, dense blocks that concatenate after every layer)
+/ finalized (``lgconv.finalize``) / optimised (``lgconv.optimize_for_inference`` on it).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import lgconv
 from lgconv import module_tree
 from lgconv.layers import CondensedConv2d
 from lgconv.layers.learned_group import LearnedGroupMixin
+from lgconv.models.condensenet import DenseBlock
 
 
 class ReferenceCondensedConv(nn.Module):
@@ -39,9 +40,17 @@ class ReferenceCondensedConv(nn.Module):
         return x.contiguous().view(batch, channels, height, width)
 
 
+def concatenating(model: nn.Module) -> nn.Module:
+    """``model`` with its CondenseNet dense blocks concatenating after every layer, as the reference does."""
+    for module in model.modules():
+        if isinstance(module, DenseBlock):
+            module.preallocate = False
+    return model
+
+
 def naive(finalized: nn.Module) -> nn.Module:
-    """A copy of ``finalized`` whose condensed convs are the reference code's converted layers."""
-    model = copy.deepcopy(finalized)
+    """A copy of ``finalized`` built as the reference code's conversion: its converted layers, torch.cat."""
+    model = concatenating(copy.deepcopy(finalized))
     layers = [m for m in model.modules() if isinstance(m, CondensedConv2d)]
     return module_tree.replace(model, {id(m): ReferenceCondensedConv(m) for m in layers})
 

@@ -51,10 +51,18 @@ def optimised_forms(finalized: nn.Module, example: Tensor, ablation: bool) -> di
                 "+ dense 3x3 (zeros across groups)",
                 {"kernel": "dense", "channels_last": True, "dense_grouped": True},
             ),
+            (
+                "+ matmul 1x1 (no conv primitive)",
+                {"kernel": "matmul", "channels_last": True, "dense_grouped": True},
+            ),
         ]
         for label, options in steps:
             forms[label] = lgconv.optimize_for_inference(copy.deepcopy(finalized), **options)
     forms["optimised (auto)"] = lgconv.optimize_for_inference(copy.deepcopy(finalized), example, repeats=3)
+    if ablation:
+        forms["optimised (auto), concatenating"] = _models.concatenating(
+            copy.deepcopy(forms["optimised (auto)"])
+        )
     return forms
 
 

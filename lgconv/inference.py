@@ -10,6 +10,7 @@ modules are replaced by ``Folded`` so module names, ``lgconv.save`` and ``lgconv
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,8 @@ from lgconv.layers.fused_condensed_conv import (
     FusedCondensedConv2d,
 )
 from lgconv.layers.learned_group import LearnedGroupMixin, grouped_order
+
+_MIN_SAMPLE_S = 1e-3  # one timing sample of a candidate lasts at least this long
 
 
 @dataclass(frozen=True)
@@ -260,13 +263,27 @@ def _default_kernel(layer: CondensedConv2d) -> str:
 
 def _median_ms(module: nn.Module, x: Tensor, repeats: int) -> float:
     """Median milliseconds of ``module(x)`` after one warm-up call."""
-    module(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return _median_ms_each([module], x, repeats)[0]
+
+
+def _median_ms_each(modules: Sequence[nn.Module], x: Tensor, repeats: int) -> list[float]:
+    """Median milliseconds per call of each module on ``x``, timed in interleaved rounds.
+
+    Each round calls every module often enough to fill ``_MIN_SAMPLE_S``, so a 50 us layer is not
+    judged from single calls at the timer's resolution, and load changes hit all candidates alike.
+    """
+    start = time.perf_counter()
+    for module in modules:
         module(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    calls = max(1, math.ceil(_MIN_SAMPLE_S * len(modules) / max(time.perf_counter() - start, 1e-9)))
+    samples: list[list[float]] = [[] for _ in modules]
+    for _ in range(repeats):
+        for module, times in zip(modules, samples):
+            start = time.perf_counter()
+            for _ in range(calls):
+                module(x)
+            times.append((time.perf_counter() - start) / calls)
+    return [statistics.median(times) * 1e3 for times in samples]
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -419,5 +436,5 @@ def _padding(layer: CondensedConv2d) -> tuple[int, ...]:
 def _fastest(candidates: Sequence[nn.Module], x: Tensor, repeats: int) -> nn.Module:
     """The candidate that runs ``x`` fastest (all compute the same function)."""
     with torch.inference_mode():
-        times = [_median_ms(candidate, x, repeats) for candidate in candidates]
+        times = _median_ms_each(candidates, x, repeats)
     return candidates[times.index(min(times))]

@@ -99,7 +99,7 @@ class LearnedGroupConv(LearnedGroupMixin, nn.Conv2d):
         return cls(**config)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.weight * self.mask.to(self.weight.dtype), self.bias)
+        return self._conv_forward(input, self.masked_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.condensing_repr()}"

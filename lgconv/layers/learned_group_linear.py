@@ -77,7 +77,7 @@ class LearnedGroupLinear(LearnedGroupMixin, nn.Linear):
         return cls(**config)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.weight * self.mask, self.bias)
+        return F.linear(input, self.masked_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.condensing_repr()}"

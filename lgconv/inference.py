@@ -291,13 +291,21 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _strided_copy(x: Tensor) -> Tensor:
+    """A copy of ``x`` with its strides, so a layer is timed on the memory layout it really reads
+    (a dense block hands its layers channel slices of one wider tensor)."""
+    if 0 in x.stride():  # an expanded tensor: its elements share memory, copy it densely
+        return x.clone()
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
+
+
 def _captured_inputs(model: nn.Module, names: Sequence[str], example: Tensor) -> dict[str, Tensor]:
     captured: dict[str, Tensor] = {}
     modules = dict(model.named_modules())
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            captured[name] = args[0].detach().clone()
+            captured[name] = _strided_copy(args[0].detach())
 
         return record
 

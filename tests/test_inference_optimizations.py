@@ -262,3 +262,16 @@ def test_matmul_kernel_reads_channel_slices_of_a_wider_tensor(memory_format):
 def test_matmul_kernel_refuses_what_is_not_a_pointwise_conv():
     with pytest.raises(ValueError, match="kernel='dense'"):
         FusedCondensedConv2d(8, 8, 3, kernel="matmul", padding=1)
+
+
+def test_layers_are_timed_on_inputs_with_their_real_strides():
+    """The tuner's copy of a layer input keeps a channel slice's strides (and copes with expanded inputs)."""
+    from lgconv.inference import _strided_copy
+
+    wide = torch.randn(2, 24, 5, 5).contiguous(memory_format=torch.channels_last)
+    sliced = wide[:, :16]
+    copied = _strided_copy(sliced)
+    assert copied.stride() == sliced.stride() and copied.data_ptr() != sliced.data_ptr()
+    torch.testing.assert_close(copied, sliced)
+    expanded = torch.randn(1, 16, 1, 1).expand(2, 16, 5, 5)
+    torch.testing.assert_close(_strided_copy(expanded), expanded)

@@ -275,3 +275,12 @@ def test_layers_are_timed_on_inputs_with_their_real_strides():
     torch.testing.assert_close(copied, sliced)
     expanded = torch.randn(1, 16, 1, 1).expand(2, 16, 5, 5)
     torch.testing.assert_close(_strided_copy(expanded), expanded)
+
+
+def test_layers_saved_with_the_old_boolean_clamp_still_load():
+    """lgconv 0.1.0 wrote clamp=True/False and always both bounds; such a config keeps both."""
+    layer = FusedCondensedConv2d(8, 4, clamp="low")
+    old = {**layer.config(), "clamp": True}
+    rebuilt = FusedCondensedConv2d.from_config(old)
+    assert rebuilt.clamp == "both" and rebuilt.low is not None and rebuilt.high is not None
+    assert FusedCondensedConv2d.from_config({**old, "clamp": False}).clamp is None

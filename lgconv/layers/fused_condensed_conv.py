@@ -112,7 +112,13 @@ class FusedCondensedConv2d(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FusedCondensedConv2d:
-        """A fresh layer of the structure ``config()`` described (load the state dict into it)."""
+        """A fresh layer of the structure ``config()`` described (load the state dict into it).
+
+        Files written by lgconv 0.1.0 stored ``clamp`` as a bool with both bounds in the state dict.
+        """
+        config = dict(config)
+        if isinstance(config.get("clamp"), bool):
+            config["clamp"] = "both" if config["clamp"] else None
         return cls(**config)
 
     def forward(self, input: Tensor) -> Tensor:

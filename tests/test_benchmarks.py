@@ -44,6 +44,7 @@ def test_train_overhead_smoke(tmp_path):
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
     assert {row["form"] for row in rows} == {
         "unmodified",
+        "unmodified, 2nd copy (A/A control)",
         "masked (stage 0)",
         "masked (fully condensed)",
         "condense",

@@ -216,3 +216,40 @@ def test_blocks_concatenate_under_autograd_so_training_still_works() -> None:
     loss = model(torch.randn(2, 3, 32, 32)).logsumexp(1).sum()
     loss.backward()  # an in-place fill of a shared buffer would fail here
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def _finalized_condensenet50() -> nn.Module:
+    torch.manual_seed(0)
+    model = models.condensenet50()
+    for module in model.modules():
+        while isinstance(module, (LearnedGroupConv, LearnedGroupLinear)) and not module.fully_condensed:
+            module.condense()
+    return lgconv.finalize(model.eval())
+
+
+def test_preallocated_blocks_trace_and_export_to_onnx(tmp_path) -> None:
+    """Tracing runs without autograd, so it records the preallocated path: slice copies must export."""
+    import warnings
+
+    import onnxruntime
+
+    model = _finalized_condensenet50()
+    x, y = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = model(y)
+        traced = torch.jit.trace(model, x)
+        torch.onnx.export(model, (x,), tmp_path / "cn.onnx", dynamo=False, input_names=["image"])
+        torch.testing.assert_close(traced(y), expected, rtol=1e-5, atol=1e-5)
+    session = onnxruntime.InferenceSession(str(tmp_path / "cn.onnx"), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(exported), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_preallocated_blocks_compile() -> None:
+    model = _finalized_condensenet50()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-5, atol=1e-5)

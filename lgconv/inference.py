@@ -27,6 +27,7 @@ from lgconv.layers.fused_condensed_conv import (
     DenseGroupedConv2d,
     Folded,
     FusedCondensedConv2d,
+    is_pointwise,
 )
 from lgconv.layers.learned_group import LearnedGroupMixin, grouped_order
 
@@ -237,15 +238,12 @@ def _build(folded: _Folded, kernel: str) -> FusedCondensedConv2d:
     return fused.eval()
 
 
-def _pointwise(layer: CondensedConv2d) -> bool:
-    """A 1x1 conv with stride 1 and no padding: a plain matrix product over the pixels."""
-    conv = layer.conv
-    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and _padding(layer) in ((0,), (0, 0))
-
-
 def _kernels(layer: CondensedConv2d) -> tuple[str, ...]:
     """The kernels that can compute ``layer``."""
-    return KERNELS if _pointwise(layer) else tuple(k for k in KERNELS if k not in POINTWISE_KERNELS)
+    conv = layer.conv
+    if is_pointwise(conv.kernel_size, conv.stride, conv.padding):
+        return KERNELS
+    return tuple(k for k in KERNELS if k not in POINTWISE_KERNELS)
 
 
 def _clamp_sides(folded: _Folded) -> str | None:

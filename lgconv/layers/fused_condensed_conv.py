@@ -54,8 +54,7 @@ class FusedCondensedConv2d(nn.Module):
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if clamp not in CLAMPS:
             raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
-        unpadded = _pair(padding) in ((0, 0), "valid")
-        pointwise = _pair(kernel_size) == (1, 1) and _pair(stride) == (1, 1) and unpadded
+        pointwise = is_pointwise(kernel_size, stride, padding)
         if kernel in POINTWISE_KERNELS and not (pointwise and gathered is None and groups == 1):
             raise ValueError(
                 f"kernel={kernel!r} computes 1x1 convs with stride 1, no padding, no gather and no groups; "
@@ -148,6 +147,11 @@ class FusedCondensedConv2d(nn.Module):
 
 def _pair(value: Any) -> Any:
     return (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, list) else value
+
+
+def is_pointwise(kernel_size: Any, stride: Any, padding: Any) -> bool:
+    """A 1x1 window with stride 1 and no padding: the conv is a plain matrix product over the pixels."""
+    return _pair(kernel_size) == (1, 1) and _pair(stride) == (1, 1) and _pair(padding) in ((0, 0), "valid")
 
 
 def _pointwise_matmul(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:  # noqa: UP045

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import condense_all
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -184,11 +185,7 @@ def test_condensenet_class_rejects_mismatched_stages_and_growth() -> None:
 def test_preallocated_dense_blocks_equal_concatenation(memory_format, form) -> None:
     """Without autograd the blocks fill one preallocated tensor; the values are the concatenation's."""
     torch.manual_seed(0)
-    model = models.condensenet50(num_classes=7)
-    for module in model.modules():
-        while isinstance(module, (LearnedGroupConv, LearnedGroupLinear)) and not module.fully_condensed:
-            module.condense()
-    model.eval()
+    model = condense_all(models.condensenet50(num_classes=7)).eval()
     if form != "masked":
         model = lgconv.finalize(model)
     if form == "optimised":
@@ -220,11 +217,7 @@ def test_blocks_concatenate_under_autograd_so_training_still_works() -> None:
 
 def _finalized_condensenet50() -> nn.Module:
     torch.manual_seed(0)
-    model = models.condensenet50()
-    for module in model.modules():
-        while isinstance(module, (LearnedGroupConv, LearnedGroupLinear)) and not module.fully_condensed:
-            module.condense()
-    return lgconv.finalize(model.eval())
+    return lgconv.finalize(condense_all(models.condensenet50()).eval())
 
 
 def test_preallocated_blocks_trace_and_export_to_onnx(tmp_path) -> None:

@@ -135,7 +135,13 @@ class FusedCondensedConv2d(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if self.kernel == "native" and self.index is not None and not self._exporting_onnx():
             return torch.ops.lgconv.condensed_pointwise(
-                input, self.index, self.conv.weight, self.conv.bias, self.low, self.high, self.order,
+                input,
+                self.index,
+                self.conv.weight,
+                self.conv.bias,
+                self.low,
+                self.high,
+                self.order,
                 self.conv.groups,
             )
         if self.index is not None:

@@ -53,7 +53,10 @@ def condensed_pointwise_reference(
     output = functional.conv2d(x, weight.reshape(weight.shape[0], -1, 1, 1), bias, groups=groups)
     if order is not None:
         output = output.index_select(1, order)
-    return output.contiguous(memory_format=_output_format(input))
+    result = torch.empty(
+        output.shape, dtype=output.dtype, device=output.device, memory_format=_output_format(input)
+    )
+    return result.copy_(output)
 
 
 def _fake(
@@ -68,7 +71,7 @@ def _fake(
 ) -> Tensor:
     batch, _, height, width = input.shape
     shape = (batch, weight.shape[0], height, width)
-    return input.new_empty(shape).contiguous(memory_format=_output_format(input))
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=_output_format(input))
 
 
 torch.library.define(OP_NAME, _SCHEMA)

@@ -56,22 +56,24 @@ inline void micro_kernel(const float* a, int64_t lda, const float* w, int64_t ld
     for (int v = 0; v < V; ++v) *reinterpret_cast<vec*>(out + p * ldo + v * W) = acc[p][v];
 }
 
-// A block of W * V outputs for kTile packed pixels, over the inputs in chunks that fit L1.
+// A block of W * V outputs for the first `rows` packed pixels (rounded up to whole micro-blocks;
+// the packed block holds zeros there), over the inputs in chunks that fit L1.
 template <int W, int V>
 void block_kernel(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t K, const float* bias,
-                  float* out, int64_t ldo) {
+                  float* out, int64_t ldo, int64_t rows) {
   constexpr int P = kAccumulators / V;
   static_assert(kTile % P == 0, "tiles hold whole micro-blocks");
   const int64_t chunk = std::max<int64_t>(16, kChunkBytes / (W * V * sizeof(float)));
   for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += chunk) {
     const int64_t k1 = std::min(K, k0 + chunk);
-    for (int64_t p = 0; p < kTile; p += P)
+    for (int64_t p = 0; p < rows; p += P)
       micro_kernel<W, V, P>(a + p * lda + k0, lda, w + k0 * ldw, ldw, k1 - k0, bias, k0 > 0,
                             out + p * ldo, ldo);
   }
 }
 
-using BlockFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t);
+using BlockFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t,
+                         int64_t);
 
 struct Block {
   int64_t first, width;
@@ -150,17 +152,27 @@ at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& in
   const std::vector<Block> blocks = output_blocks(padded);
 
   // Weights transposed per group to (kept, padded outputs) and zero-padded; bias padded alike.
-  at::Tensor w = weight.reshape({groups, group_outputs, kept}).transpose(1, 2);
-  at::Tensor packed_w = at::zeros({groups, kept, padded}, input.options());
-  packed_w.narrow(2, 0, group_outputs).copy_(w);
-  at::Tensor packed_b = at::zeros({groups, padded}, input.options());
-  if (bias.has_value()) packed_b.narrow(1, 0, group_outputs).copy_(bias->reshape({groups, group_outputs}));
-  const float inf = std::numeric_limits<float>::infinity();
-  at::Tensor lo = low.has_value() ? low->reshape({-1}).contiguous() : at::full({kept * groups}, -inf, input.options());
-  at::Tensor hi = high.has_value() ? high->reshape({-1}).contiguous() : at::full({kept * groups}, inf, input.options());
-  TORCH_CHECK(lo.numel() == kept * groups && hi.numel() == kept * groups,
+  at::Tensor wc = weight.contiguous();
+  const float* wsrc = wc.data_ptr<float>();
+  std::vector<float> packed_w(groups * kept * padded, 0.0f), packed_b(groups * padded, 0.0f);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t o = 0; o < group_outputs; ++o) {
+      const float* row = wsrc + (g * group_outputs + o) * kept;
+      float* col = packed_w.data() + g * kept * padded + o;
+      for (int64_t k = 0; k < kept; ++k) col[k * padded] = row[k];
+    }
+  if (bias.has_value()) {
+    at::Tensor bc = bias->contiguous();
+    TORCH_CHECK(bc.numel() == out_channels, "condensed_pointwise: bias must have one value per output");
+    for (int64_t g = 0; g < groups; ++g)
+      std::copy(bc.data_ptr<float>() + g * group_outputs, bc.data_ptr<float>() + (g + 1) * group_outputs,
+                packed_b.data() + g * padded);
+  }
+  at::Tensor lo = low.has_value() ? low->contiguous() : at::Tensor();
+  at::Tensor hi = high.has_value() ? high->contiguous() : at::Tensor();
+  TORCH_CHECK((!lo.defined() || lo.numel() == kept * groups) && (!hi.defined() || hi.numel() == kept * groups),
               "condensed_pointwise: low and high need one bound per index entry");
-  at::Tensor idx = index.to(at::kLong).contiguous();
+  at::Tensor idx = index.scalar_type() == at::kLong ? index.contiguous() : index.to(at::kLong).contiguous();
   const int64_t* pidx = idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < idx.numel(); ++i)
     TORCH_CHECK(pidx[i] >= 0 && pidx[i] < C, "condensed_pointwise: index out of range for ", C, " inputs");
@@ -168,7 +180,7 @@ at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& in
   // Destination channel of every grouped output row.
   std::vector<int64_t> dest(out_channels);
   if (order.has_value()) {
-    at::Tensor ord = order->to(at::kLong).contiguous();
+    at::Tensor ord = order->scalar_type() == at::kLong ? order->contiguous() : order->to(at::kLong).contiguous();
     TORCH_CHECK(ord.numel() == out_channels, "condensed_pointwise: order must list every output");
     const int64_t* o = ord.data_ptr<int64_t>();
     for (int64_t c = 0; c < out_channels; ++c) dest[o[c]] = c;
@@ -179,10 +191,10 @@ at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& in
   at::Tensor output = output_like(input, out_channels);
   const float* x = input.data_ptr<float>();
   float* y = output.data_ptr<float>();
-  const float* pw = packed_w.data_ptr<float>();
-  const float* pb = packed_b.data_ptr<float>();
-  const float* plo = lo.data_ptr<float>();
-  const float* phi = hi.data_ptr<float>();
+  const float* pw = packed_w.data();
+  const float* pb = packed_b.data();
+  const float* plo = lo.defined() ? lo.data_ptr<float>() : nullptr;
+  const float* phi = hi.defined() ? hi.data_ptr<float>() : nullptr;
   const int64_t s0 = input.stride(0), s1 = input.stride(1), s2 = input.stride(2), s3 = input.stride(3);
   const int64_t o0 = output.stride(0), o1 = output.stride(1), o2 = output.stride(2), o3 = output.stride(3);
   const int64_t pixels = N * H * W, tiles = (pixels + kTile - 1) / kTile;
@@ -196,8 +208,10 @@ at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& in
       contiguous[g] = contiguous[g] && dest[g * group_outputs + j] == dest[g * group_outputs] + j;
 
   at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> a(groups * kTile * kept);  // packed clamped inputs: group, pixel, kept input
-    std::vector<float> acc(kTile * padded);       // one group's outputs for the tile
+    // Packed clamped inputs (group, pixel, kept input) and one group's outputs for the tile; the
+    // rows past the last pixel are zero so partial micro-blocks compute harmless values.
+    std::vector<float> a(groups * kTile * kept, 0.0f);
+    std::vector<float> acc(kTile * padded);
     std::vector<int64_t> in_off(kTile), out_off(kTile);
     for (int64_t tile = first; tile < last; ++tile) {
       const int64_t start = tile * kTile, count = std::min(kTile, pixels - start);
@@ -206,7 +220,9 @@ at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& in
         in_off[p] = n * s0 + row * s2 + col * s3;
         out_off[p] = n * o0 + row * o2 + col * o3;
       }
-      if (count < kTile) std::fill(a.begin(), a.end(), 0.0f);
+      if (count < kTile)
+        for (int64_t g = 0; g < groups; ++g)
+          std::fill(a.begin() + (g * kTile + count) * kept, a.begin() + (g + 1) * kTile * kept, 0.0f);
       if (s1 == 1) {  // channels innermost: one pass over each pixel's inputs for all groups
         for (int64_t p = 0; p < count; ++p) {
           const float* src = x + in_off[p];
@@ -226,8 +242,8 @@ at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& in
       }
       if (has_low || has_high) {  // the folded batch norm + ReLU, vectorised over the kept inputs
         for (int64_t g = 0; g < groups; ++g) {
-          const float* l = plo + g * kept;
-          const float* u = phi + g * kept;
+          const float* l = has_low ? plo + g * kept : nullptr;
+          const float* u = has_high ? phi + g * kept : nullptr;
           for (int64_t p = 0; p < count; ++p) {
             float* dst = a.data() + (g * kTile + p) * kept;
             if (has_low)
@@ -241,7 +257,7 @@ at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& in
         const float* ga = a.data() + g * kTile * kept;
         for (const Block& b : blocks)
           b.fn(ga, kept, pw + g * kept * padded + b.first, padded, kept, pb + g * padded + b.first,
-               acc.data() + b.first, padded);
+               acc.data() + b.first, padded, count);
         const int64_t* gd = dest.data() + g * group_outputs;
         for (int64_t p = 0; p < count; ++p) {
           const float* src = acc.data() + p * padded;

@@ -72,6 +72,43 @@ void block_kernel(const float* a, int64_t lda, const float* w, int64_t ldw, int6
   }
 }
 
+// For few outputs per group the packing pass would cost more than the products: read each input
+// straight from its pixel (channels innermost), clamped after the broadcast, with no packed copy.
+// rows: P pixel pointers; off: K channel offsets; lo/hi: K bounds or null.
+template <int W, int V, int P>
+inline void direct_kernel(const float* const* rows, const int64_t* off, const float* lo, const float* hi,
+                          const float* w, int64_t ldw, int64_t K, const float* bias, float* out, int64_t ldo) {
+  using vec = typename Vec<W>::type;
+  vec acc[P][V];
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < V; ++v) acc[p][v] = *reinterpret_cast<const vec*>(bias + v * W);
+  for (int64_t k = 0; k < K; ++k) {
+    vec wk[V];
+    for (int v = 0; v < V; ++v) wk[v] = *reinterpret_cast<const vec*>(w + k * ldw + v * W);
+    const int64_t o = off[k];
+    for (int p = 0; p < P; ++p) {
+      float x = rows[p][o];
+      if (lo) x = x < lo[k] ? lo[k] : x;
+      if (hi) x = x > hi[k] ? hi[k] : x;
+      for (int v = 0; v < V; ++v) acc[p][v] += x * wk[v];
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < V; ++v) *reinterpret_cast<vec*>(out + p * ldo + v * W) = acc[p][v];
+}
+
+template <int W, int V>
+void direct_block(const float* const* rows, const int64_t* off, const float* lo, const float* hi,
+                  const float* w, int64_t ldw, int64_t K, const float* bias, float* out, int64_t ldo,
+                  int64_t count) {
+  constexpr int P = kAccumulators / V;
+  for (int64_t p = 0; p < count; p += P)
+    direct_kernel<W, V, P>(rows + p, off, lo, hi, w, ldw, K, bias, out + p * ldo, ldo);
+}
+
+using DirectFn = void (*)(const float* const*, const int64_t*, const float*, const float*, const float*,
+                          int64_t, int64_t, const float*, float*, int64_t, int64_t);
+
 using BlockFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t,
                          int64_t);
 
@@ -207,12 +244,31 @@ at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& in
     for (int64_t j = 1; j < group_outputs; ++j)
       contiguous[g] = contiguous[g] && dest[g * group_outputs + j] == dest[g * group_outputs] + j;
 
+  const bool direct = s1 == 1 && padded <= 16;
+#if defined(__AVX512F__)
+  const DirectFn direct_fn = padded <= 8 ? direct_block<8, 1> : direct_block<16, 1>;
+#else
+  const DirectFn direct_fn = padded <= 8 ? direct_block<8, 1> : direct_block<8, 2>;
+#endif
   at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
     // Packed clamped inputs (group, pixel, kept input) and one group's outputs for the tile; the
     // rows past the last pixel are zero so partial micro-blocks compute harmless values.
     std::vector<float> a(groups * kTile * kept, 0.0f);
     std::vector<float> acc(kTile * padded);
     std::vector<int64_t> in_off(kTile), out_off(kTile);
+    std::vector<const float*> rows(kTile);
+    auto store = [&](int64_t g, int64_t count) {  // one group's outputs to their channels
+      const int64_t* gd = dest.data() + g * group_outputs;
+      for (int64_t p = 0; p < count; ++p) {
+        const float* src = acc.data() + p * padded;
+        float* out = y + out_off[p];
+        if (contiguous[g]) {
+          std::copy(src, src + group_outputs, out + gd[0]);
+        } else {
+          for (int64_t j = 0; j < group_outputs; ++j) out[gd[j] * o1] = src[j];
+        }
+      }
+    };
     for (int64_t tile = first; tile < last; ++tile) {
       const int64_t start = tile * kTile, count = std::min(kTile, pixels - start);
       for (int64_t p = 0; p < count; ++p) {
@@ -223,6 +279,16 @@ at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& in
       if (count < kTile)
         for (int64_t g = 0; g < groups; ++g)
           std::fill(a.begin() + (g * kTile + count) * kept, a.begin() + (g + 1) * kTile * kept, 0.0f);
+      if (direct) {
+        for (int64_t p = 0; p < kTile; ++p) rows[p] = x + in_off[std::min(p, count - 1)];
+        for (int64_t g = 0; g < groups; ++g) {
+          direct_fn(rows.data(), offset.data() + g * kept, has_low ? plo + g * kept : nullptr,
+                    has_high ? phi + g * kept : nullptr, pw + g * kept * padded, padded, kept,
+                    pb + g * padded, acc.data(), padded, count);
+          store(g, count);
+        }
+        continue;
+      }
       if (s1 == 1) {  // channels innermost: one pass over each pixel's inputs for all groups
         for (int64_t p = 0; p < count; ++p) {
           const float* src = x + in_off[p];
@@ -258,16 +324,7 @@ at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& in
         for (const Block& b : blocks)
           b.fn(ga, kept, pw + g * kept * padded + b.first, padded, kept, pb + g * padded + b.first,
                acc.data() + b.first, padded, count);
-        const int64_t* gd = dest.data() + g * group_outputs;
-        for (int64_t p = 0; p < count; ++p) {
-          const float* src = acc.data() + p * padded;
-          float* out = y + out_off[p];
-          if (contiguous[g]) {
-            std::copy(src, src + group_outputs, out + gd[0]);
-          } else {
-            for (int64_t j = 0; j < group_outputs; ++j) out[gd[j] * o1] = src[j];
-          }
-        }
+        store(g, count);
       }
     }
   });

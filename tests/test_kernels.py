@@ -179,3 +179,18 @@ def test_saved_native_model_runs_in_a_fresh_process(native, tmp_path, disabled):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(not disabled), "['native']"]
+
+
+def test_inspect_shows_the_native_kernel(native, tmp_path):
+    from click.testing import CliRunner
+
+    from lgconv.cli import main
+
+    arch_kwargs = {"stages": [2, 2], "growth": [4, 8], "num_classes": 5, "groups": 2}
+    path = tmp_path / "native.safetensors"
+    lgconv.save(
+        _native_model(_condensenet()), path, arch="lgconv.models:CondenseNet", arch_kwargs=arch_kwargs
+    )
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "FusedCondensedConv2d[native]" in result.output

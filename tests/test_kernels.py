@@ -62,7 +62,7 @@ def op_arguments(draw, dtype: torch.dtype = torch.float32) -> tuple:
     return x, index, weight, bias, low, high, order, groups
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(args=op_arguments())
 def test_native_equals_reference(native, args):
     expected = condensed_pointwise_reference(*args)

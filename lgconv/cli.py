@@ -309,7 +309,7 @@ def _layer_rows(spec: model_file.ModelSpec) -> list[tuple[str, ...]]:
         rows.append(
             (
                 ", ".join(record.names) or "(model)",
-                record.type,
+                record.type + (f"[{config['kernel']}]" if "kernel" in config else ""),
                 f"{inputs}->{outputs}" + (f" {kernel}" if kernel else ""),
                 str(groups),
                 "-" if factor is None else str(factor),

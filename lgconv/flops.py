@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+import lgconv.kernels  # noqa: F401 - registers lgconv::condensed_pointwise, counted below
 from lgconv.layers.learned_group import LearnedGroupMixin
 
 Convention = Literal["fvcore", "paper"]
@@ -102,10 +103,16 @@ def _einsum_handle(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
     return Counter({"einsum": _numel(sizes.values())})
 
 
+def _condensed_pointwise_handle(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    """lgconv's fused condensed 1x1 conv: each output element costs its group's kept inputs."""
+    return Counter({"conv": _numel(_shape(outputs[0])) * _shape(inputs[2])[1]})
+
+
 def _fvcore_handles(convention: str) -> dict[str, Any]:
     """Operator handles added to fvcore's defaults for ``convention`` (None means free, no warning)."""
     handles: dict[str, Any] = dict.fromkeys(_FREE_OPS)
     handles["aten::einsum"] = _einsum_handle
+    handles["lgconv::condensed_pointwise"] = _condensed_pointwise_handle
     if convention == "paper":
         handles.update(
             {
@@ -120,9 +127,22 @@ def _fvcore_handles(convention: str) -> dict[str, Any]:
 
 
 def _torch_custom_mapping(convention: str) -> dict[Any, Any]:
-    """FlopCounterMode functions (on shapes, in its 2-per-multiply-add unit) for the paper convention."""
+    """FlopCounterMode functions (on shapes, in its 2-per-multiply-add unit): lgconv's op, and the
+    paper convention's extra operators."""
+
+    def condensed_pointwise(
+        x_shape: Sequence[int],
+        index_shape: Sequence[int],
+        weight_shape: Sequence[int],
+        *args: Any,
+        out_shape: Sequence[int],
+        **kwargs: Any,
+    ) -> int:
+        return 2 * _numel(out_shape) * int(weight_shape[1])
+
+    native = {torch.ops.lgconv.condensed_pointwise: condensed_pointwise}
     if convention != "paper":
-        return {}
+        return native
     aten = torch.ops.aten
 
     def relu(*args: Any, out_shape: Sequence[int], **kwargs: Any) -> int:
@@ -138,6 +158,7 @@ def _torch_custom_mapping(convention: str) -> dict[Any, Any]:
         return 2 * _numel(x_shape)
 
     return {
+        **native,
         aten.relu: relu,
         aten.relu_: relu,
         aten.avg_pool2d: avg_pool,

@@ -197,8 +197,8 @@ def _build(folded: _Folded, kernel: str) -> FusedCondensedConv2d:
     """The inference layer computing ``folded`` with ``kernel`` (see ``FusedCondensedConv2d``)."""
     layer = folded.layer
     conv = layer.conv
-    groups = layer.groups if kernel == "grouped" else 1
-    if kernel == "grouped":
+    groups = layer.groups if kernel in ("grouped", "native") else 1
+    if kernel in ("grouped", "native"):
         index: Tensor | None = layer.index
         kept = layer.kept_inputs
         rows = grouped_order(layer.out_channels, groups, layer.layout).to(layer.index.device)
@@ -335,7 +335,8 @@ def optimize_for_inference(
     tunes under both memory formats and keeps the faster whole model. Without it, 1x1 layers use the
     dense kernel and the memory format changes only if ``channels_last=True``.
     ``kernel`` forces one of ``"grouped"``, ``"dense"``, ``"dense_kept"`` everywhere, or ``"matmul"``
-    (1x1 layers with stride 1 and no padding; the others then get ``"dense"``); ``fold=False``
+    or ``"native"`` (1x1 layers with stride 1 and no padding; the others then get ``"dense"``; the
+    native kernel is the fused C++ op, built on first use); ``fold=False``
     leaves the batch norms alone. ``dense_grouped`` turns the model's other grouped convs (up to 8
     groups, e.g. CondenseNet's 3x3) into ``DenseGroupedConv2d``: always (True), never (False), or
     where timing on the example input says it is faster (None). Outputs equal the finalized model's

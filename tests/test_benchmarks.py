@@ -58,3 +58,16 @@ def test_unknown_model_exits_2(capsys):
         latency.main(["--models", "vgg99"])
     assert exit_info.value.code == 2
     assert "unknown model 'vgg99'" in capsys.readouterr().err
+
+
+def test_pointwise_kernel_smoke_compares_native_with_dense(tmp_path):
+    bench = _script("pointwise_kernel")
+    assert (
+        bench.main(["--smoke", "--json", str(tmp_path / "p.json"), "--markdown", str(tmp_path / "p.md")]) == 0
+    )
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["dense"]["median_ms"] > 0 and row["native"]["median_ms"] > 0
+        assert row["max_abs_difference"] < 1e-4 and row["flop_ratio"] > 1.5
+    assert "native ms" in (tmp_path / "p.md").read_text()

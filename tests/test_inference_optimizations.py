@@ -104,7 +104,7 @@ def test_kernel_structure(fused_kernel):
     layer = lgconv.optimize_for_inference(final, kernel=fused_kernel).conv1
     kept = masked.conv1.group_mask().any(0).sum().item()
     assert layer.clamp == "low"  # every batch norm scale is positive: a one-sided maximum suffices
-    if fused_kernel == "grouped":
+    if fused_kernel in ("grouped", "native"):
         assert layer.conv.groups == 4 and layer.order is not None
         assert layer.index.numel() == 4 * masked.conv1.kept_inputs.item()
     elif fused_kernel in ("dense", "matmul"):

@@ -13,11 +13,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from lgconv import kernels
 from lgconv.layers.conv_geometry import conv_geometry
 
-KERNELS: tuple[str, ...] = ("grouped", "dense", "dense_kept", "matmul")
+KERNELS: tuple[str, ...] = ("grouped", "dense", "dense_kept", "matmul", "native")
 CLAMPS: tuple[str | None, ...] = (None, "low", "high", "both")  # which per-channel bounds the input gets
-POINTWISE_KERNELS: tuple[str, ...] = ("matmul",)  # only for 1x1 convs with stride 1 and no padding
+POINTWISE_KERNELS: tuple[str, ...] = ("matmul", "native")  # only for 1x1 convs with stride 1 and no padding
 
 
 class FusedCondensedConv2d(nn.Module):
@@ -27,8 +28,11 @@ class FusedCondensedConv2d(nn.Module):
     inputs, grouped conv, restore the channel order), ``dense`` (a plain conv over all inputs with
     the dropped connections' weights set to zero: no gather, no reorder), ``dense_kept`` (the
     same over only the inputs some group keeps) or ``matmul`` (the dense weights as one matrix
-    product over the pixels, skipping the conv primitive's per-call cost; 1x1 convs only). All four
-    compute the same function.
+    product over the pixels, skipping the conv primitive's per-call cost; 1x1 convs only) or
+    ``native`` (the ``grouped`` structure computed in one pass by the ``lgconv::condensed_pointwise``
+    op: gather, clamp, kept connections only, outputs in order; 1x1 convs only; its PyTorch
+    reference runs where the C++ kernel is not built, and in ONNX export). All five compute the
+    same function.
     """
 
     def __init__(
@@ -55,11 +59,19 @@ class FusedCondensedConv2d(nn.Module):
         if clamp not in CLAMPS:
             raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
         pointwise = is_pointwise(kernel_size, stride, padding)
-        if kernel in POINTWISE_KERNELS and not (pointwise and gathered is None and groups == 1):
+        if kernel == "matmul" and not (pointwise and gathered is None and groups == 1):
             raise ValueError(
                 f"kernel={kernel!r} computes 1x1 convs with stride 1, no padding, no gather and no groups; "
                 f"got kernel_size={kernel_size}, stride={stride}, padding={padding}: use kernel='dense'"
             )
+        if kernel == "native" and not (pointwise and gathered is not None and padding_mode == "zeros"):
+            raise ValueError(
+                f"kernel='native' computes gathered 1x1 convs with stride 1 and no padding; got "
+                f"kernel_size={kernel_size}, stride={stride}, padding={padding}, gathered={gathered}: "
+                "use kernel='grouped'"
+            )
+        if kernel == "native":
+            kernels.load_native()  # builds the C++ kernel on first use; the reference runs without it
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel = kernel
@@ -121,6 +133,17 @@ class FusedCondensedConv2d(nn.Module):
         return cls(**config)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.kernel == "native" and self.index is not None and not self._exporting_onnx():
+            return torch.ops.lgconv.condensed_pointwise(
+                input,
+                self.index,
+                self.conv.weight,
+                self.conv.bias,
+                self.low,
+                self.high,
+                self.order,
+                self.conv.groups,
+            )
         if self.index is not None:
             input = input.index_select(1, self.index)
         low, high = self.low, self.high
@@ -136,6 +159,13 @@ class FusedCondensedConv2d(nn.Module):
         if self.order is not None:
             output = output.index_select(1, self.order)
         return output
+
+    @staticmethod
+    def _exporting_onnx() -> bool:
+        """ONNX has no such op: its exporters record the grouped form (same function) instead."""
+        if torch.jit.is_scripting():
+            return False
+        return torch.onnx.is_in_onnx_export()
 
     def extra_repr(self) -> str:
         gathered = "all" if self.index is None else self.index.numel()

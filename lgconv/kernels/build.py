@@ -1,0 +1,89 @@
+"""Build (once, then cached) and load the native CPU kernels with ``torch.utils.cpp_extension``.
+
+The build is compiled for the machine it runs on (``-march=native``), so the extension's name
+carries a digest of the source, the flags, the CPU's features and the torch version: a cache
+shared by several machines (a network home) never hands one CPU's build to another. Without a
+compiler, or with ``LGCONV_NATIVE=0``, the ops run their PyTorch reference instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+DISABLE_VARIABLE = "LGCONV_NATIVE"  # set to 0 to keep the native kernels off (the reference runs)
+_SOURCE = Path(__file__).with_name("condensed_pointwise.cpp")
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags (Linux), else whatever the platform says about the processor."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _flags() -> list[str]:
+    machine = platform.machine().lower()
+    tuning = ["-march=native"] if machine in ("x86_64", "amd64", "i686") else ["-mcpu=native"]
+    return ["-O3", *tuning, "-ffp-contract=fast"]
+
+
+def _extension_name(flags: list[str]) -> str:
+    digest = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), " ".join(flags).encode(), _cpu_features().encode()):
+        digest.update(part)
+    digest.update(torch.__version__.encode())
+    return f"lgconv_kernels_{digest.hexdigest()[:16]}"
+
+
+def native_disabled() -> bool:
+    """Whether ``LGCONV_NATIVE=0`` (or ``false``/``off``) keeps the native kernels off."""
+    return os.environ.get(DISABLE_VARIABLE, "1").strip().lower() in ("0", "false", "off", "no")
+
+
+@functools.cache
+def load_native() -> bool:
+    """Load the native kernels, building them the first time (about a minute); False if unavailable.
+
+    Where they cannot be built (no compiler, a failed build) one warning says so and the ops keep
+    running their PyTorch reference, which computes the same values more slowly.
+    """
+    if native_disabled():
+        return False
+    from torch.utils import cpp_extension
+
+    flags = _flags()
+    name = _extension_name(flags)
+    root = Path(cpp_extension.get_default_build_root())
+    if not any(root.glob(f"{name}/{name}.so")) and not any(root.glob(f"*/{name}/{name}.so")):
+        print(f"lgconv: building the native kernels ({name}, once per machine)...", file=sys.stderr)
+    try:
+        cpp_extension.load(
+            name,
+            [str(_SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=[],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # noqa: BLE001 - any build failure means: run the reference
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        warnings.warn(
+            f"lgconv: the native kernels are unavailable ({reason}); condensed 1x1 layers run their "
+            "PyTorch reference (same values, slower). Install a C++ compiler and ninja to get them.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True

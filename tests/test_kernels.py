@@ -1,0 +1,196 @@
+"""lgconv.kernels: the native condensed pointwise op equals its PyTorch reference; every path runs it."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import condense_all, perturb_
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lgconv
+from lgconv.kernels import DISABLE_VARIABLE, condensed_pointwise_reference, load_native
+from lgconv.layers import FusedCondensedConv2d
+from lgconv.models import CondenseNet
+from lgconv.models.condensenet import condense_network
+
+ROOT = Path(__file__).resolve().parents[1]
+op = torch.ops.lgconv.condensed_pointwise
+
+
+@pytest.fixture(scope="module")
+def native() -> bool:
+    """Build (once per machine, cached) and load the C++ kernel; the tests need a compiler."""
+    if os.environ.get(DISABLE_VARIABLE) == "0":
+        pytest.skip(f"{DISABLE_VARIABLE}=0 keeps the native kernel off")
+    assert load_native(), "the native kernel did not build (see the warning)"
+    return True
+
+
+@st.composite
+def op_arguments(draw, dtype: torch.dtype = torch.float32) -> tuple:
+    """Random op arguments: odd channel counts, channel slices, strided pixels, both memory formats."""
+    groups = draw(st.integers(1, 4))
+    kept = draw(st.integers(1, 9))
+    group_outputs = draw(st.integers(1, 19))
+    channels = draw(st.integers(kept, kept + 12))
+    extra = draw(st.integers(0, 5))  # a channel slice of a wider tensor, as in a dense block
+    batch, height, width = draw(st.integers(1, 3)), draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    layout = draw(st.sampled_from(["channels_last", "contiguous", "spatial_stride"]))
+    seed = draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    wide = torch.randn(batch, channels + extra, height, width * 2, generator=generator, dtype=dtype)
+    if layout != "contiguous":
+        wide = wide.contiguous(memory_format=torch.channels_last)
+    x = wide[:, extra:, :, ::2] if layout == "spatial_stride" else wide[:, extra:, :, :width]
+    index = torch.cat([torch.randperm(channels, generator=generator)[:kept] for _ in range(groups)])
+    outputs = groups * group_outputs
+    weight = torch.randn(outputs, kept, 1, 1, generator=generator, dtype=dtype)
+    sides = draw(st.sampled_from([None, "low", "high", "both"]))
+    low = torch.randn(groups * kept, generator=generator, dtype=dtype) if sides in ("low", "both") else None
+    high = None
+    if sides in ("high", "both"):
+        high = torch.randn(groups * kept, generator=generator, dtype=dtype) + (0 if low is None else low + 1)
+    bias = torch.randn(outputs, generator=generator, dtype=dtype) if draw(st.booleans()) else None
+    order = torch.randperm(outputs, generator=generator) if draw(st.booleans()) else None
+    return x, index, weight, bias, low, high, order, groups
+
+
+@settings(max_examples=60, deadline=None)
+@given(args=op_arguments())
+def test_native_equals_reference(native, args):
+    expected = condensed_pointwise_reference(*args)
+    with torch.inference_mode():
+        actual = op(*args)
+    assert actual.shape == expected.shape and actual.stride() == expected.stride()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(args=op_arguments(torch.float64))
+def test_other_dtypes_take_the_aten_path(native, args):
+    torch.testing.assert_close(op(*args), condensed_pointwise_reference(*args), atol=1e-12, rtol=1e-12)
+
+
+def test_fake_gives_the_kernels_shape_and_strides(native):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        x = torch.randn(2, 10, 3, 5).contiguous(memory_format=memory_format)[:, 2:]
+        args = (x, torch.tensor([0, 3, 5, 7]), torch.randn(6, 2, 1, 1), None, None, None, None, 2)
+        real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        assert fake.shape == real.shape and fake.stride() == real.stride()
+
+
+def test_bad_index_is_a_clear_error(native):
+    x = torch.randn(1, 4, 2, 2).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="index out of range"):
+        op(x, torch.tensor([0, 9]), torch.randn(2, 1, 1, 1), None, None, None, None, 2)
+
+
+def _condensenet() -> CondenseNet:
+    torch.manual_seed(0)
+    model = CondenseNet((2, 2), (4, 8), num_classes=5, groups=2)
+    condense_network(model, groups=2, condense_factor=2, classifier_condense_factor=2)
+    return condense_all(perturb_(model)).eval()
+
+
+def _native_model(masked: CondenseNet) -> CondenseNet:
+    fast = lgconv.optimize_for_inference(
+        lgconv.finalize(copy.deepcopy(masked)), kernel="native", channels_last=True
+    )
+    fused = [m for m in fast.modules() if isinstance(m, FusedCondensedConv2d)]
+    assert fused and all(m.kernel == "native" for m in fused)
+    assert "kernel=native" in repr(fused[0])
+    return fast
+
+
+def test_every_path_runs_the_native_model(native, tmp_path):
+    """Eager, TorchScript, torch.export, torch.compile and ONNX (reference form) equal the masked model."""
+    import onnxruntime
+
+    masked = _condensenet()
+    fast = _native_model(masked)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = masked(x)
+        torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.jit.script(fast)(x), expected, atol=1e-5, rtol=1e-5)
+        exported = torch.export.export(fast, (x,))
+        assert "lgconv.condensed_pointwise" in str(exported.graph)
+        torch.testing.assert_close(exported.module()(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.compile(fast)(x), expected, atol=1e-5, rtol=1e-5)
+        path = tmp_path / "native.onnx"
+        torch.onnx.export(fast, (x,), path, dynamo=False, input_names=["image"])
+    session = onnxruntime.InferenceSession(str(path))
+    (onnx_output,) = session.run(None, {"image": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(onnx_output), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_count_flops_counts_the_kept_connections(native):
+    masked = _condensenet()
+    x = torch.randn(2, 3, 16, 16)
+    grouped = lgconv.optimize_for_inference(lgconv.finalize(copy.deepcopy(masked)), kernel="grouped")
+    report = lgconv.count_flops(_native_model(masked), inputs=x)
+    assert report.total == lgconv.count_flops(grouped, inputs=x).total
+    assert "lgconv::condensed_pointwise" not in report.unsupported
+
+
+_RELOAD = """
+import sys, torch, lgconv
+from lgconv.kernels import load_native
+model = lgconv.load(sys.argv[1]).eval()
+x, expected = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+kinds = {m.kernel for m in model.modules() if type(m).__name__ == "FusedCondensedConv2d"}
+print(load_native(), sorted(kinds))
+"""
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_saved_native_model_runs_in_a_fresh_process(native, tmp_path, disabled):
+    """A file with native layers loads and runs anywhere; with the kernel off, through the reference."""
+    fast = _native_model(_condensenet())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.save((x, fast(x)), tmp_path / "io.pt")
+    arch_kwargs = {"stages": [2, 2], "growth": [4, 8], "num_classes": 5, "groups": 2}
+    lgconv.save(
+        fast, tmp_path / "native.safetensors", arch="lgconv.models:CondenseNet", arch_kwargs=arch_kwargs
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if disabled:
+        env[DISABLE_VARIABLE] = "0"
+    result = subprocess.run(
+        [sys.executable, "-c", _RELOAD, str(tmp_path / "native.safetensors"), str(tmp_path / "io.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(not disabled), "['native']"]
+
+
+def test_inspect_shows_the_native_kernel(native, tmp_path):
+    from click.testing import CliRunner
+
+    from lgconv.cli import main
+
+    arch_kwargs = {"stages": [2, 2], "growth": [4, 8], "num_classes": 5, "groups": 2}
+    path = tmp_path / "native.safetensors"
+    lgconv.save(
+        _native_model(_condensenet()), path, arch="lgconv.models:CondenseNet", arch_kwargs=arch_kwargs
+    )
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "FusedCondensedConv2d[native]" in result.output

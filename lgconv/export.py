@@ -51,18 +51,33 @@ class ExportMismatchError(RuntimeError):
     """The exported graph, run in its runtime, does not reproduce the PyTorch model's outputs."""
 
 
+class _Shuffle(torch.autograd.Function):
+    """Channel shuffle whose ONNX form is four ops (two reshapes around a transpose, with the input's
+    shape), not the dozen shape computations a traced ``reshape`` with a dynamic batch becomes."""
+
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, groups: int, per_group: int) -> Tensor:
+        batch, channels, height, width = input.shape
+        shuffled = input.reshape(batch, groups, per_group, height, width).transpose(1, 2)
+        return shuffled.reshape(batch, channels, height, width)
+
+    @staticmethod
+    def symbolic(g: Any, input: Any, groups: int, per_group: int) -> Any:
+        split = g.op("Constant", value_t=torch.tensor([0, groups, per_group, -1]))
+        shuffled = g.op("Transpose", g.op("Reshape", input, split), perm_i=[0, 2, 1, 3])
+        return g.op("Reshape", shuffled, g.op("Shape", input))
+
+
 class ChannelShuffle(nn.Module):
-    """``(N, G*K, H, W) -> (N, K*G, H, W)``: channel ``g*K + k`` moves to ``k*G + g`` (a reshape and a
+    """``(N, G*K, H, W) -> (N, K*G, H, W)``: channel ``g*K + k`` moves to ``k*G + g`` (reshapes and a
     transpose, which runtimes compute as such, instead of a ``Gather`` permutation)."""
 
-    def __init__(self, groups: int) -> None:
+    def __init__(self, groups: int, channels: int) -> None:
         super().__init__()
-        self.groups = groups
+        self.groups, self.channels = groups, channels
 
     def forward(self, input: Tensor) -> Tensor:
-        batch, channels, height, width = input.shape
-        shuffled = input.reshape(batch, self.groups, channels // self.groups, height, width).transpose(1, 2)
-        return shuffled.reshape(batch, channels, height, width)
+        return _Shuffle.apply(input, self.groups, self.channels // self.groups)
 
 
 @dataclass(frozen=True)
@@ -126,13 +141,16 @@ def compile_onnx(
     path: str | os.PathLike[str], runtime: str = "onnxruntime", *, threads: int | None = None
 ) -> Callable[[np.ndarray], np.ndarray]:
     """The ONNX graph at ``path`` compiled by ``runtime`` for the CPU in float32, as a function from
-    the input array to the first output. ``threads`` defaults to torch's thread count."""
+    the input array to the first output. ``threads`` defaults to torch's thread count; with
+    ``OMP_WAIT_POLICY=PASSIVE`` ONNX Runtime's idle threads sleep instead of spinning (shared machines)."""
     module = require_runtime(runtime)
     threads = threads or torch.get_num_threads()
     if runtime == "onnxruntime":
         options = module.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":  # idle threads sleep, as OpenMP's do
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = module.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x})[0]
@@ -319,7 +337,8 @@ def _candidates(item: _Folded, absorbable: bool) -> tuple[dict[str, nn.Module], 
             if absorbable:
                 forms["grouped"], leftover = grouped, order
             elif torch.equal(order.cpu(), _shuffle_order(layer.out_channels, layer.groups)):
-                forms["grouped+shuffle"] = nn.Sequential(grouped, ChannelShuffle(layer.groups)).eval()
+                shuffle = ChannelShuffle(layer.groups, layer.out_channels)
+                forms["grouped+shuffle"] = nn.Sequential(grouped, shuffle).eval()
     return forms, leftover
 
 
@@ -462,9 +481,10 @@ def export_onnx(
         import onnx
 
         graph = onnx.load(str(best))
-        if permutation_gathers(graph):
+        permutations = permutation_gathers(graph)
+        if permutations:
             raise RuntimeError(
-                f"lgconv emitted a channel permutation before a convolution ({permutation_gathers(graph)[0]}); "
+                f"lgconv emitted a channel permutation before a convolution ({permutations[0]}); "
                 "please report this"
             )
         output = compile_onnx(best, runtime)(example.numpy())

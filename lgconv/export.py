@@ -242,7 +242,8 @@ def _passes_channels(module: nn.Module) -> bool:
 
 def _order_absorbers(model: nn.Module, names: list[str]) -> dict[str, tuple[list[str], str]]:
     """For each layer in ``names`` whose output reaches exactly one convolution able to take its
-    inputs in any order (through per-channel modules only, each used once): (those modules, the conv)."""
+    inputs in any order (through per-channel modules only, batch norms used once): (those modules,
+    the conv)."""
     modules = dict(model.named_modules())
     try:
         graph = _Tracer().trace(model)
@@ -260,14 +261,15 @@ def _order_absorbers(model: nn.Module, names: list[str]) -> dict[str, tuple[list
         current = node
         while len(current.users) == 1:
             user = next(iter(current.users))
-            if user.op != "call_module" or calls[user.target] != 1 or user.args[:1] != (current,):
+            if user.op != "call_module" or user.args[:1] != (current,):
                 break
             module = modules[user.target]
+            shared = calls[user.target] != 1  # its weights serve other inputs too: leave them alone
             plain_conv = type(module) in (nn.Conv2d, DenseGroupedConv2d) and module.groups == 1
-            if isinstance(module, FusedCondensedConv2d) or plain_conv:
+            if (isinstance(module, FusedCondensedConv2d) or plain_conv) and not shared:
                 found[node.target] = (path, user.target)
                 break
-            if not _passes_channels(module):
+            if not _passes_channels(module) or (shared and isinstance(module, nn.BatchNorm2d)):
                 break
             path.append(user.target)
             current = user

@@ -197,8 +197,9 @@ def test_openvino_miscomputes_the_minimal_graph_and_computes_lgconv_s_export_of_
 ) -> None:
     model, x, exact = minimal_permutation_graph()
     onnx.save(model, str(tmp_path / "minimal.onnx"))
-    assert np.abs(run_graph(tmp_path / "minimal.onnx", "onnxruntime", torch.from_numpy(x)) - exact).max() < 1e-4
-    wrong = np.abs(run_graph(tmp_path / "minimal.onnx", "openvino", torch.from_numpy(x)) - exact).max()
+    x = torch.from_numpy(x)
+    assert np.abs(run_graph(tmp_path / "minimal.onnx", "onnxruntime", x) - exact).max() < 1e-4
+    wrong = np.abs(run_graph(tmp_path / "minimal.onnx", "openvino", x) - exact).max()
     if wrong < 1e-3 * np.abs(exact).max():
         pytest.skip("this OpenVINO computes Gather(permutation) -> Conv right: the bug is fixed")
     # The same computation as lgconv layers: a condensed conv whose output order feeds a 1x1 conv

@@ -95,9 +95,10 @@ class LayerChoice:
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What ``export_onnx`` wrote: per layer the representation and its time, the whole-graph trials
-    (``"per layer"``: each layer's fastest form; ``"dense"``: every condensed layer dense), the trial
-    kept, and the largest relative difference from the PyTorch model in the runtime."""
+    """What ``export_onnx`` wrote: per layer the representation and its time alone, the whole-graph
+    trials in ms (``"per layer"``: each layer's fastest form; ``"dense"``, ``"dense_kept"``,
+    ``"grouped"``: every condensed layer in that form where it has it), the trial kept, and the
+    largest relative difference from the PyTorch model in the runtime."""
 
     path: Path
     runtime: str
@@ -419,10 +420,11 @@ def export_onnx(
     The model must be finalized (``lgconv.finalize``), optionally optimised; it is not changed. Each
     layer's forms (``grouped``: gather + grouped conv, its output order folded into the next conv or
     as ``grouped+shuffle``; ``dense``: zeros for the dropped connections; ``dense_kept``: dense over
-    the kept inputs) are timed alone in the runtime, then the per-layer choice and the all-dense graph
-    are timed whole and the faster kept. The graph has a dynamic batch axis; its outputs are checked
-    in the runtime against the model's (``ExportMismatchError`` past ``tolerance``, relative to the
-    largest output) before the file is written atomically. Returns the per-layer report.
+    the kept inputs) are timed alone in the runtime, then the per-layer choice and the graphs with
+    every condensed layer in one form are timed whole and the fastest is kept. The graph has a
+    dynamic batch axis; its outputs are checked in the runtime against the model's
+    (``ExportMismatchError`` past ``tolerance``, relative to the largest output) before the file is
+    written atomically. Returns the per-layer report.
     """
     require_runtime(runtime)
     if not isinstance(model, nn.Module):
@@ -469,16 +471,12 @@ def export_onnx(
         for name, x in inputs.items():
             times = _runtime_ms(forms[name], x.contiguous(), runtime, folder, repeats)
             choices.append(LayerChoice(name, min(times, key=times.get), times))
-        graphs = {"per layer": _assemble(export, forms, choices, leftovers, absorbers)}
-        dense_choices = [
-            LayerChoice(c.name, "dense", c.candidates_ms) if c.name in folded else c for c in choices
-        ]
-        if dense_choices != choices:
-            graphs["dense"] = _assemble(export, forms, dense_choices, {}, {})
+        plans = {"per layer": choices, **_uniform_plans(choices, set(folded))}
+        plans = {k: v for i, (k, v) in enumerate(plans.items()) if v not in list(plans.values())[:i]}
+        graphs = {k: _assemble(export, forms, v, leftovers, absorbers) for k, v in plans.items()}
         trials = _runtime_ms(graphs, example, runtime, folder, repeats, dynamic=True)
         chosen = min(trials, key=trials.get)
-        if chosen == "dense":
-            choices, leftovers = dense_choices, {}
+        choices = plans[chosen]
         best = folder / f"trial{list(graphs).index(chosen)}.onnx"
         import onnx
 
@@ -503,6 +501,26 @@ def export_onnx(
     return ExportReport(
         target, runtime, tuple(example.shape), tuple(choices), trials, chosen, error, folded_orders
     )
+
+
+def _uniform_plans(choices: list[LayerChoice], condensed: set[str]) -> dict[str, list[LayerChoice]]:
+    """Whole-graph alternatives to the per-layer choice: every condensed layer in one representation
+    where it has it (``grouped`` falling back to ``grouped+shuffle``, then ``dense_kept``, then
+    ``dense``), the other layers as chosen; a runtime's fusions can favour one form throughout."""
+    preferences = {
+        "dense": ("dense",),
+        "dense_kept": ("dense_kept", "dense"),
+        "grouped": ("grouped", "grouped+shuffle", "dense_kept", "dense"),
+    }
+    plans = {}
+    for plan, order in preferences.items():
+        plans[plan] = [
+            LayerChoice(c.name, next(r for r in order if r in c.candidates_ms), c.candidates_ms)
+            if c.name in condensed
+            else c
+            for c in choices
+        ]
+    return plans
 
 
 def _assemble(

@@ -29,9 +29,10 @@ def test_latency_smoke_times_every_form_and_checks_outputs(tmp_path):
     result = json.loads((tmp_path / "l.json").read_text())
     forms = {row["form"] for row in result["rows"]}
     assert {"dense", "masked", "naive (reference-style)", "finalized", "optimised (auto)"} <= forms
+    assert {"uncondensed, same pipeline", "ONNX Runtime, dense network", "ONNX Runtime, export_onnx"} <= forms
     assert any(form.startswith("+ ") for form in forms)  # ablation rows
     for row in result["rows"]:
-        assert row["timing"]["median_ms"] > 0 and row["flop_ratio"] > 1.5
+        assert row["timing"]["median_ms"] > 0 and row["flop_ratio"] > 1.5 and row["vs_uncondensed"] > 0
         if row["rel_error_vs_masked"] is not None:
             assert row["rel_error_vs_masked"] < 1e-5, row
     assert result["machine"]["cores"] >= 1 and "torch" in result["machine"]

@@ -144,15 +144,17 @@ def compile_onnx(
     path: str | os.PathLike[str], runtime: str = "onnxruntime", *, threads: int | None = None
 ) -> Callable[[np.ndarray], np.ndarray]:
     """The ONNX graph at ``path`` compiled by ``runtime`` for the CPU in float32, as a function from
-    the input array to the first output. ``threads`` defaults to torch's thread count; with
-    ``OMP_WAIT_POLICY=PASSIVE`` ONNX Runtime's idle threads sleep instead of spinning (shared machines)."""
+    the input array to the first output. ``threads`` defaults to torch's thread count. With
+    ``OMP_WAIT_POLICY=PASSIVE`` (a shared machine) ONNX Runtime's idle threads sleep instead of
+    spinning and OpenVINO's threads are not pinned to cores."""
     module = require_runtime(runtime)
     threads = threads or torch.get_num_threads()
+    shared = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
     if runtime == "onnxruntime":
         options = module.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":  # idle threads sleep, as OpenMP's do
+        if shared:  # idle threads sleep, as OpenMP's do
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = module.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
@@ -161,6 +163,7 @@ def compile_onnx(
         "INFERENCE_NUM_THREADS": threads,
         "INFERENCE_PRECISION_HINT": "f32",  # CPUs with bf16 units would otherwise run in bf16
         "PERFORMANCE_HINT": "LATENCY",
+        "ENABLE_CPU_PINNING": not shared,  # a thread pinned to a core another process holds waits
     }
     request = module.Core().compile_model(str(path), "CPU", config).create_infer_request()
 

@@ -45,6 +45,7 @@ from lgconv.model_file import write_atomic
 RUNTIMES: tuple[str, ...] = ("onnxruntime", "openvino")
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "output"
+_READABLE_KERNELS = ("grouped", "dense", "dense_kept", "matmul")  # optimised layers export_onnx rebuilds
 # Elementwise ONNX ops a channel permutation passes through unchanged on its way to a convolution.
 _ELEMENTWISE = {"Relu", "Max", "Min", "Clip", "Mul", "Add", "Sub", "Div", "BatchNormalization", "Identity"}
 
@@ -291,6 +292,11 @@ def _shuffle_order(channels: int, groups: int) -> Tensor:
 def _folded_from_fused(fused: FusedCondensedConv2d) -> _Folded:
     """An optimised layer back as a condensed layer with its folded dense weight, so every
     representation can be rebuilt from it (a layer already dense keeps its kept inputs as one group)."""
+    if fused.kernel not in _READABLE_KERNELS:
+        raise ValueError(
+            f"export_onnx rebuilds layers with kernels {', '.join(_READABLE_KERNELS)}, not {fused.kernel!r}; "
+            "export the finalized model (before optimize_for_inference) instead"
+        )
     conv = fused.conv
     in_channels, out_channels = fused.in_channels, fused.out_channels
     index = fused.index if fused.index is not None else torch.arange(in_channels, device=conv.weight.device)

@@ -104,6 +104,14 @@ def test_an_optimised_model_exports_too(tmp_path: Path) -> None:
     assert {"a", "c", "d"} <= {choice.name for choice in report.layers}
 
 
+def test_an_optimised_layer_of_a_kernel_it_cannot_rebuild_is_refused_clearly(tmp_path: Path) -> None:
+    optimised = lgconv.optimize_for_inference(finalized(), kernel="dense")
+    optimised.a.kernel = "native"  # e.g. a native op whose weights export_onnx does not read
+    with pytest.raises(ValueError, match="export the finalized model"):
+        export_onnx(optimised, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), repeats=1)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_model_is_left_unchanged(tmp_path: Path) -> None:
     model = finalized()
     before = copy.deepcopy(model.state_dict())

@@ -59,3 +59,16 @@ def test_unknown_model_exits_2(capsys):
         latency.main(["--models", "vgg99"])
     assert exit_info.value.code == 2
     assert "unknown model 'vgg99'" in capsys.readouterr().err
+
+
+def test_runtimes_not_installed_are_skipped_with_one_line(monkeypatch, capsys):
+    latency = _script("latency")
+
+    def only_onnxruntime(runtime):
+        if runtime != "onnxruntime":
+            raise ImportError(f"runtime {runtime!r} needs the {runtime} package, which is not installed")
+
+    monkeypatch.setattr(latency.export, "require_runtime", only_onnxruntime)
+    assert latency.installed_runtimes(None) == ["onnxruntime"]
+    assert "skipping openvino: runtime 'openvino' needs the openvino package" in capsys.readouterr().out
+    assert latency.installed_runtimes([]) == []

@@ -4,6 +4,8 @@ dense (unmodified) -> masked (condensified, every layer condensed to the end) ->
 CondenseNet reference code's conversion builds: gather, grouped conv, channel shuffle, the batch
 norm and ReLU before it still over all inputs, dense blocks that concatenate after every layer)
 / finalized (``lgconv.finalize``) / optimised (``lgconv.optimize_for_inference`` on it).
+uncondensed: the same condensified network left at stage 0 (masks all ones) and finalized with
+``allow_partial=True``, the baseline that goes through the same pipeline without condensing.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class Forms:
     masked: nn.Module
     naive: nn.Module
     finalized: nn.Module
+    uncondensed: nn.Module
 
 
 def _preset(name: str, seed: int) -> tuple[nn.Module, nn.Module, tuple[int, int, int]]:
@@ -122,10 +125,20 @@ BUILDERS: dict[str, Callable[[int], tuple[nn.Module, nn.Module, tuple[int, int, 
 
 
 def forms(name: str, seed: int = 0) -> Forms:
-    """Build ``name`` dense, masked (condensed to the end), naive-converted and finalized, in eval mode."""
+    """Build ``name`` dense, masked (condensed to the end), naive-converted, finalized and
+    uncondensed (stage 0, finalized), in eval mode."""
     dense, masked, input_size = BUILDERS[name](seed)
     randomize_norms(dense, seed)
     masked.load_state_dict(dense.state_dict(), strict=False)
+    uncondensed = lgconv.finalize(copy.deepcopy(masked), allow_partial=True)
     condense_fully(masked)
     finalized = lgconv.finalize(copy.deepcopy(masked))
-    return Forms(name, input_size, dense.eval(), masked.eval(), naive(finalized).eval(), finalized.eval())
+    return Forms(
+        name,
+        input_size,
+        dense.eval(),
+        masked.eval(),
+        naive(finalized).eval(),
+        finalized.eval(),
+        uncondensed.eval(),
+    )

@@ -2,7 +2,11 @@
 
 All forms of one network and batch are timed in the same interleaved rounds (after warm-up; the
 median and the range over rounds are reported), next to the FLOP ratio masked / finalized, and every
-form's output is checked against the masked model's. Writes a JSON and ``docs/benchmarks.md``.
+form's output is checked against the masked model's. The baseline that says what condensing buys is
+"uncondensed, same pipeline" (the network condensified but left at stage 0, finalized and optimised
+the same way); each installed runtime (ONNX Runtime, OpenVINO) adds the dense network, lgconv's plain
+finalized graph and the ``lgconv.export_onnx`` graph, compared with that runtime's dense network.
+Writes a JSON and ``docs/benchmarks.md``.
 
     .venv/bin/python benchmarks/latency.py            # full run, a few minutes on 2 cores
     .venv/bin/python benchmarks/latency.py --smoke    # seconds: one small network, tiny batches
@@ -19,6 +23,8 @@ if "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] > (os.cpu_count() 
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import functools  # noqa: E402
+import tempfile  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -31,11 +37,14 @@ import _models  # noqa: E402
 import _timing  # noqa: E402
 
 import lgconv  # noqa: E402
+from lgconv import export  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = {"condensenet86": (1, 64), "condensenet74_imagenet": (1, 8), "resnet50": (1, 8), "densenet121": (1, 8)}
 SMOKE = {"condensenet50": (1, 2)}
 ABLATED = ("condensenet86", "condensenet50")
+UNCONDENSED = "uncondensed, same pipeline"
+RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 
 
 def optimised_forms(finalized: nn.Module, example: Tensor, ablation: bool) -> dict[str, nn.Module]:
@@ -66,7 +75,7 @@ def optimised_forms(finalized: nn.Module, example: Tensor, ablation: bool) -> di
     return forms
 
 
-def _max_error(model: nn.Module, reference: Tensor, x: Tensor) -> float:
+def _max_error(model: Callable[[Tensor], Any], reference: Tensor, x: Tensor) -> float:
     with torch.inference_mode():
         out = model(x)
     return float((out.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
@@ -86,6 +95,62 @@ def _runner(model: nn.Module, x: Tensor) -> Callable[[], object]:
     return run
 
 
+def installed_runtimes(asked: list[str] | None) -> list[str]:
+    """The runtimes asked for (default: all lgconv exports to) that are installed; the others are
+    skipped with one line each."""
+    runtimes = []
+    for runtime in export.RUNTIMES if asked is None else asked:
+        try:
+            export.require_runtime(runtime)
+        except ImportError as error:
+            print(f"skipping {runtime}: {error}")
+            continue
+        runtimes.append(runtime)
+    return runtimes
+
+
+def runtime_forms(
+    forms: _models.Forms, x: Tensor, runtimes: list[str], folder: Path, repeats: int
+) -> dict[str, Callable[[Tensor], object]]:
+    """Per runtime: the dense network, the finalized graph (``torch.onnx.export``) and the graph of
+    ``lgconv.export_onnx`` tuned on ``x``, each compiled as a function of the input array."""
+    graphs = {}
+    dense = _models.concatenating(copy.deepcopy(forms.dense))
+    finalized = _models.concatenating(copy.deepcopy(forms.finalized))
+    export.to_onnx(dense, x, folder / "dense.onnx")
+    export.to_onnx(finalized, x, folder / "finalized.onnx")
+    for runtime in runtimes:
+        name = RUNTIME_NAMES[runtime]
+        tuned = folder / f"{runtime}.onnx"
+        report = lgconv.export_onnx(forms.finalized, tuned, x, runtime=runtime, repeats=repeats)
+        print(f"export_onnx for {runtime}: kept {report.chosen!r}, trials {report.trials_ms}")
+        for label, path in (
+            ("dense network", folder / "dense.onnx"),
+            ("finalized graph", folder / "finalized.onnx"),
+            ("export_onnx", tuned),
+        ):
+            graphs[f"{name}, {label}"] = _onnx_runner(export.compile_onnx(path, runtime))
+    return graphs
+
+
+def _onnx_runner(session: Callable[[Any], Any]) -> Callable[[Tensor], object]:
+    return lambda x: torch.from_numpy(session(x.numpy()))
+
+
+def _baseline(label: str) -> str:
+    """The row a form's speedup is measured against: the same runtime's dense network for graphs
+    run by ONNX Runtime or OpenVINO, the uncondensed network through the same pipeline otherwise."""
+    for name in RUNTIME_NAMES.values():
+        if label.startswith(f"{name}, "):
+            return f"{name}, dense network"
+    return UNCONDENSED
+
+
+def _other_function(label: str) -> bool:
+    """Rows that compute the uncondensed network, not the masked one: no error against it."""
+    return label in ("dense", UNCONDENSED) or label.endswith(", dense network")
+
+
 def bench_network(name: str, batches: tuple[int, ...], args: argparse.Namespace) -> list[dict[str, Any]]:
     forms = _models.forms(name)
     flops = lgconv.count_flops(forms.masked, forms.input_size)
@@ -100,14 +165,18 @@ def bench_network(name: str, batches: tuple[int, ...], args: argparse.Namespace)
             "finalized": forms.finalized,
         }
         models.update(optimised_forms(forms.finalized, x, args.ablation and name in ABLATED))
+        models[UNCONDENSED] = lgconv.optimize_for_inference(copy.deepcopy(forms.uncondensed), x, repeats=3)
+        runners = {label: _runner(model, x) for label, model in models.items()}
         with torch.inference_mode():
             reference = forms.masked(x).float()
         errors = {label: _max_error(model, reference, x) for label, model in models.items()}
-        timings = _timing.interleaved(
-            {label: _runner(model, x) for label, model in models.items()},
-            rounds=args.rounds,
-            min_round_s=args.min_round_s,
-        )
+        with tempfile.TemporaryDirectory() as folder:
+            runtimes = [] if args.smoke and batch != batches[0] else args.runtimes  # smoke: seconds
+            graphs = runtime_forms(forms, x, runtimes, Path(folder), 1 if args.smoke else 3)
+            for label, graph in graphs.items():
+                runners[label] = functools.partial(graph, x)
+                errors[label] = _max_error(graph, reference, x)
+            timings = _timing.interleaved(runners, rounds=args.rounds, min_round_s=args.min_round_s)
         naive_ms = timings["naive (reference-style)"].median_ms
         masked_ms = timings["masked"].median_ms
         for label, timing in timings.items():
@@ -119,8 +188,10 @@ def bench_network(name: str, batches: tuple[int, ...], args: argparse.Namespace)
                     "timing": timing,
                     "vs_naive": naive_ms / timing.median_ms,
                     "vs_masked": masked_ms / timing.median_ms,
+                    "baseline": _baseline(label),
+                    "vs_uncondensed": timings[_baseline(label)].median_ms / timing.median_ms,
                     "flop_ratio": ratio,
-                    "rel_error_vs_masked": errors[label] if label != "dense" else None,
+                    "rel_error_vs_masked": None if _other_function(label) else errors[label],
                 }
             )
         _print_rows(rows[-len(timings) :])
@@ -137,7 +208,8 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
         error = "" if row["rel_error_vs_masked"] is None else f"  err {row['rel_error_vs_masked']:.1e}"
         print(
             f"  {row['form']:<36} {t.median_ms:9.2f} ms  [{t.low_ms:.2f}-{t.high_ms:.2f}]  "
-            f"x{row['vs_naive']:.2f} vs naive  x{row['vs_masked']:.2f} vs masked{error}"
+            f"x{row['vs_naive']:.2f} vs naive  x{row['vs_masked']:.2f} vs masked  "
+            f"x{row['vs_uncondensed']:.2f} vs uncondensed{error}"
         )
 
 
@@ -151,6 +223,7 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
             "range ms",
             "vs naive",
             "vs masked",
+            "vs uncondensed",
             "FLOP ratio",
             "rel. err",
         ],
@@ -162,13 +235,19 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
                 *_timing.timing_cells(r["timing"]),
                 f"{r['vs_naive']:.2f}x",
                 f"{r['vs_masked']:.2f}x",
+                f"{r['vs_uncondensed']:.2f}x",
                 f"{r['flop_ratio']:.2f}",
                 "" if r["rel_error_vs_masked"] is None else f"{r['rel_error_vs_masked']:.0e}",
             ]
             for r in rows
         ],
     )
-    return f"Machine: {_timing.machine_line(machine)}\n\n{table}\n"
+    note = (
+        "vs uncondensed: speedup over the same network left uncondensed through the same pipeline "
+        "(stage 0, finalized, optimised);\n"
+        "for ONNX Runtime / OpenVINO rows, over that runtime's dense network."
+    )
+    return f"Machine: {_timing.machine_line(machine)}\n\n{table}\n\n{note}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     _timing.add_run_options(parser, smoke_help="one small network, tiny batches: seconds")
     parser.add_argument("--models", nargs="*", help="networks to time (default: all of the full run)")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip ablation rows")
+    parser.add_argument(
+        "--runtimes",
+        nargs="*",
+        choices=export.RUNTIMES,
+        help="ONNX runtimes to add rows for (default: every installed one; none: --runtimes with no name)",
+    )
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     if args.models:
@@ -184,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(_models.BUILDERS)}")
         plan = {name: plan.get(name, FULL.get(name, (1, 2))) for name in args.models}
     machine = _timing.start_run(args, min_round_s=0.2)
+    args.runtimes = installed_runtimes(args.runtimes)
     rows = [row for name, batches in plan.items() for row in bench_network(name, batches, args)]
     _timing.finish_run(args, machine, rows, markdown)
     return 0

@@ -1,6 +1,7 @@
 """lgconv: CondenseNet's learned group convolution as a structured-pruning plugin for PyTorch."""
 
 from lgconv.condensify import CondensePlan, LayerDecision, condensify, plan
+from lgconv.export import ExportReport, export_onnx
 from lgconv.finalize import finalize
 from lgconv.flops import FlopReport, count_flops
 from lgconv.inference import optimize_for_inference
@@ -20,6 +21,7 @@ __all__ = [
     "CondensePlan",
     "CondensedConv2d",
     "CondensedLinear",
+    "ExportReport",
     "FlopReport",
     "LayerDecision",
     "LearnedGroupConv",
@@ -27,6 +29,7 @@ __all__ = [
     "condensify",
     "copy_masks",
     "count_flops",
+    "export_onnx",
     "finalize",
     "load",
     "optimize_for_inference",

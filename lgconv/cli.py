@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 from torch import nn
 
 from lgconv import model_file, model_formats
@@ -76,6 +77,7 @@ def main() -> None:
       lgconv flops model.pt
       lgconv finalize model.pt model_final.pt
       lgconv inspect model_final.pt
+      lgconv export model_final.pt model.onnx --runtime openvino
     """
 
 
@@ -369,6 +371,63 @@ def _lgconv_spec(path: Path, kind: str) -> model_file.ModelSpec:
             f"{path} is a {what}, not an lgconv file; save the model with lgconv.save to inspect it"
         )
     return spec
+
+
+@main.command(
+    "export", short_help="Export a finalized model to ONNX, each layer tuned for ONNX Runtime or OpenVINO."
+)
+@click.argument("model_file", type=click.Path(path_type=Path))
+@click.argument("out_file", metavar="OUT.onnx", type=click.Path(path_type=Path))
+@click.option(
+    "--runtime",
+    default="onnxruntime",
+    show_default=True,
+    help="Runtime to tune for: onnxruntime or openvino.",
+)
+@click.option(
+    "--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size to tune for."
+)
+@click.option(
+    "--input-size", nargs=3, type=click.IntRange(min=1), help="Input C H W (default: from the file)."
+)
+@_TRUST_BUILDER
+def export_command(
+    model_file: Path,
+    out_file: Path,
+    runtime: str,
+    batch: int,
+    input_size: tuple[int, ...] | None,
+    trust_builder: bool,
+) -> None:
+    """Export the finalized model in MODEL_FILE to OUT.onnx (dynamic batch axis) for RUNTIME.
+
+    Each condensed layer takes the form (gather + grouped conv, dense with zeros, dense over the kept
+    inputs) that times fastest in the runtime at the given batch and input size; the file is written
+    only once the runtime reproduces the model's outputs.
+
+    \b
+    Examples:
+      lgconv export model_final.pt model.onnx
+      lgconv export model_final.pt model.onnx --runtime openvino --batch 1 --input-size 3 32 32
+    """
+    from lgconv.export import export_onnx, require_runtime
+
+    try:
+        require_runtime(runtime)
+    except ImportError as error:
+        raise click.ClickException(str(error)) from None
+    if not out_file.parent.is_dir():
+        raise ValueError(f"folder {out_file.parent} does not exist; create it or write elsewhere")
+    opened = model_formats.open_model(model_file, trust_builder=trust_builder)
+    if any(isinstance(m, LearnedGroupMixin) for m in opened.module.modules()):
+        raise ValueError(
+            f"{model_file} still has learned group layers; finalize it first: "
+            f"lgconv finalize {model_file} FINAL_FILE"
+        )
+    shape, _ = _input_shape(opened, input_size, batch)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    report = export_onnx(opened.module.eval(), out_file, example, runtime=runtime)
+    click.echo(str(report))
 
 
 if __name__ == "__main__":

@@ -317,6 +317,31 @@ def _captured_inputs(model: nn.Module, names: Sequence[str], example: Tensor) ->
     return captured
 
 
+def fold_neighbours(model: nn.Module, fold: bool = True) -> dict[str, _Folded]:
+    """Every ``CondensedConv2d`` of ``model`` by name, with the batch norms around it folded in
+    (``fold``); the folded norms (and ReLUs) are replaced by ``Folded`` in ``model``, the layers stay.
+    Shared by ``optimize_for_inference`` and ``lgconv.export``, which build their own layers from it."""
+    modules = dict(model.named_modules())
+    chains = (
+        _chains(model) if fold else [_Chain(n) for n, m in modules.items() if isinstance(m, CondensedConv2d)]
+    )
+    folded = {}
+    for chain in chains:
+        layer = modules[chain.conv]
+        pre = modules[chain.pre_norm] if chain.pre_norm else None
+        post = modules[chain.post_norm] if chain.post_norm else None
+        if pre is not None and any(p != 0 for p in _padding(layer)):
+            pre = None
+        folded[chain.conv] = _fold(layer, pre, post)
+        if pre is not None:
+            _set(model, chain.pre_norm, Folded())
+            if chain.pre_relu:
+                _set(model, chain.pre_relu, Folded())
+        if post is not None:
+            _set(model, chain.post_norm, Folded(relu=chain.post_relu))
+    return folded
+
+
 def optimize_for_inference(
     model: nn.Module,
     example_input: Tensor | None = None,
@@ -351,28 +376,11 @@ def optimize_for_inference(
         )
     if any(isinstance(m, LearnedGroupMixin) for m in model.modules()):
         raise ValueError("the model still has learned group layers; run lgconv.finalize(model) first")
-    modules = dict(model.named_modules())
-    chains = (
-        _chains(model) if fold else [_Chain(n) for n, m in modules.items() if isinstance(m, CondensedConv2d)]
-    )
-    if not chains:
+    folded = fold_neighbours(model, fold)
+    if not folded:
         raise ValueError(
             f"{type(model).__name__} has no CondensedConv2d to optimise; finalize a condensed model first"
         )
-    folded = {}
-    for chain in chains:
-        layer = modules[chain.conv]
-        pre = modules[chain.pre_norm] if chain.pre_norm else None
-        post = modules[chain.post_norm] if chain.post_norm else None
-        if pre is not None and any(p != 0 for p in _padding(layer)):
-            pre = None
-        folded[chain.conv] = _fold(layer, pre, post)
-        if pre is not None:
-            _set(model, chain.pre_norm, Folded())
-            if chain.pre_relu:
-                _set(model, chain.pre_relu, Folded())
-        if post is not None:
-            _set(model, chain.post_norm, Folded(relu=chain.post_relu))
     for name, item in folded.items():
         choice = _default_kernel(item.layer) if kernel == "auto" else kernel
         choice = choice if choice in _kernels(item.layer) else "dense"

@@ -29,9 +29,10 @@ def test_latency_smoke_times_every_form_and_checks_outputs(tmp_path):
     result = json.loads((tmp_path / "l.json").read_text())
     forms = {row["form"] for row in result["rows"]}
     assert {"dense", "masked", "naive (reference-style)", "finalized", "optimised (auto)"} <= forms
+    assert {"uncondensed, same pipeline", "ONNX Runtime, dense network", "ONNX Runtime, export_onnx"} <= forms
     assert any(form.startswith("+ ") for form in forms)  # ablation rows
     for row in result["rows"]:
-        assert row["timing"]["median_ms"] > 0 and row["flop_ratio"] > 1.5
+        assert row["timing"]["median_ms"] > 0 and row["flop_ratio"] > 1.5 and row["vs_uncondensed"] > 0
         if row["rel_error_vs_masked"] is not None:
             assert row["rel_error_vs_masked"] < 1e-5, row
     assert result["machine"]["cores"] >= 1 and "torch" in result["machine"]
@@ -71,3 +72,16 @@ def test_pointwise_kernel_smoke_compares_native_with_dense(tmp_path):
         assert row["dense"]["median_ms"] > 0 and row["native"]["median_ms"] > 0
         assert row["max_abs_difference"] < 1e-4 and row["flop_ratio"] > 1.5
     assert "native ms" in (tmp_path / "p.md").read_text()
+
+
+def test_runtimes_not_installed_are_skipped_with_one_line(monkeypatch, capsys):
+    latency = _script("latency")
+
+    def only_onnxruntime(runtime):
+        if runtime != "onnxruntime":
+            raise ImportError(f"runtime {runtime!r} needs the {runtime} package, which is not installed")
+
+    monkeypatch.setattr(latency.export, "require_runtime", only_onnxruntime)
+    assert latency.installed_runtimes(None) == ["onnxruntime"]
+    assert "skipping openvino: runtime 'openvino' needs the openvino package" in capsys.readouterr().out
+    assert latency.installed_runtimes([]) == []

@@ -210,7 +210,7 @@ def test_inspect_lists_every_condensed_layer(files) -> None:
     assert json.loads(out)["layers"][0]["state"]["stage"] == 1
 
 
-@pytest.mark.parametrize("command", ["flops", "plan", "finalize", "inspect"])
+@pytest.mark.parametrize("command", ["flops", "plan", "finalize", "inspect", "export"])
 def test_help_of_every_command_shows_an_example(command: str) -> None:
     code, out, _ = run(command, "--help")
     assert code == 0 and "Examples:" in out and f"lgconv {command}" in out
@@ -238,3 +238,56 @@ def test_condensenet_preset_plan_matches_the_paper_and_its_file_counts_at_32(tmp
     report = json_report(tmp_path / "cn50.pt", "--convention", "paper")
     assert report["input_shapes"] == [[1, 3, 32, 32]] and report["input_source"] == "recorded in the file"
     assert report["total"] == after
+
+
+@pytest.fixture(scope="module")
+def final_file(files, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("final") / "final.pt"
+    lgconv.save(lgconv.finalize(lgconv.load(files["masked"])).eval(), path, input_size=(3, 32, 32))
+    return path
+
+
+def test_export_writes_an_onnx_graph_that_matches_the_model(final_file, tmp_path: Path) -> None:
+    out_file = tmp_path / "model.onnx"
+    code, out, err = run("export", final_file, out_file, "--batch", 2)
+    assert code == 0, err
+    assert "ONNX for onnxruntime, timed on input 2x3x32x32" in out and "max relative error" in out
+    from lgconv.export import compile_onnx
+
+    model, x = lgconv.load(final_file).eval(), torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.as_tensor(compile_onnx(out_file)(x.numpy())), model(x))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("{final}", "{tmp}/m.onnx", "--runtime", "tensorrt"),
+            "runtime must be one of onnxruntime, openvino",
+        ),
+        (("{masked}", "{tmp}/m.onnx"), "still has learned group layers; finalize it first"),
+        (("{final}", "{tmp}/m.onnx", "--input-size", "1", "32", "32"), "does not fit the model"),
+        (("{final}", "{tmp}/no/such/folder/m.onnx"), "does not exist"),
+    ],
+)
+def test_export_errors_are_one_line_with_exit_2(files, final_file, tmp_path: Path, args, message) -> None:
+    names = {"tmp": tmp_path, "final": final_file, "masked": files["masked"]}
+    code, out, err = run("export", *(arg.format(**names) for arg in args))
+    assert code == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1 and message in err and err.startswith("lgconv export")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_with_a_runtime_not_installed_names_the_extra(final_file, tmp_path: Path, monkeypatch) -> None:
+    from lgconv import export
+
+    real = export.importlib.import_module
+    monkeypatch.setattr(
+        export.importlib,
+        "import_module",
+        lambda name, *a: (_ for _ in ()).throw(ImportError(name)) if name == "openvino" else real(name, *a),
+    )
+    code, _, err = run("export", final_file, tmp_path / "m.onnx", "--runtime", "openvino")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "needs the openvino package" in err and 'pip install "lgconv[deploy]"' in err

@@ -45,7 +45,8 @@ from lgconv.model_file import write_atomic
 RUNTIMES: tuple[str, ...] = ("onnxruntime", "openvino")
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "output"
-_READABLE_KERNELS = ("grouped", "dense", "dense_kept", "matmul", "native")  # optimised layers export_onnx rebuilds
+# Optimised layers export_onnx rebuilds (native has the grouped structure).
+_READABLE_KERNELS = ("grouped", "dense", "dense_kept", "matmul", "native")
 # Elementwise ONNX ops a channel permutation passes through unchanged on its way to a convolution.
 _ELEMENTWISE = {"Relu", "Max", "Min", "Clip", "Mul", "Add", "Sub", "Div", "BatchNormalization", "Identity"}
 

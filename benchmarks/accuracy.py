@@ -334,6 +334,7 @@ def train(
     lr: float,
     condense_end: float | None = None,
     recalibrate: bool = False,
+    lasso: float = 0.0,
     desc: str = "",
 ) -> Training:
     """SGD with a per-step cosine learning rate; condensing when ``model`` has learned group layers."""
@@ -356,7 +357,7 @@ def train(
     condenser = None
     if lgconv.scheduler.learned_group_layers(model):
         condenser = lgconv.CondensationScheduler(
-            model, total, condense_end=condense_end or recipe.condense_end
+            model, total, lasso=lasso, condense_end=condense_end or recipe.condense_end
         )
     training = Training(0.0, total)
     model.train()
@@ -368,6 +369,8 @@ def train(
             index = order[first : first + batch]
             images = augment(data.train_images[index], generator, recipe.crop_padding, recipe.flip)
             loss = F.cross_entropy(model(data.inputs(images)), data.train_labels[index])
+            if condenser is not None and lasso:
+                loss = loss + condenser.lasso_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -467,7 +470,8 @@ class Context:
         return model
 
 
-def _learned(context: Context, seed: int, recalibrate: bool, desc: str) -> ArmResult:
+def _learned(context: Context, seed: int, recalibrate: bool, desc: str, **schedule: float) -> ArmResult:
+    """The lgc network trained from scratch; ``schedule``: scheduler options changed from the paper's."""
     torch.manual_seed(seed)
     model = learned_group_network(context.recipe)
     training = train(
@@ -478,9 +482,10 @@ def _learned(context: Context, seed: int, recalibrate: bool, desc: str) -> ArmRe
         lr=context.recipe.lr,
         recalibrate=recalibrate,
         desc=desc,
+        **schedule,
     )
     lgconv.finalize(model)
-    extra = {}
+    extra: dict[str, Any] = dict(schedule)
     if recalibrate:  # the finalized network's statistics, re-estimated once more
         extra["accuracy_before_final_recalibration"] = accuracy(model, context.data)
         lgconv.recalibrate_batch_norm(
@@ -587,6 +592,18 @@ def run_lgc_finetune(context: Context, seed: int) -> ArmResult:
 @arm("lgc_bn_recal", "lgc with batch norm re-estimated after every condensing drop and after finalize")
 def run_lgc_bn_recal(context: Context, seed: int) -> ArmResult:
     return _learned(context, seed, recalibrate=True, desc=f"lgc_bn_recal seed {seed}")
+
+
+@arm("lgc_early_condense", "lgc with the last drop at 25% of training (paper: 50%): 3x more steps after it")
+def run_lgc_early_condense(context: Context, seed: int) -> ArmResult:
+    return _learned(context, seed, recalibrate=False, desc=f"lgc_early seed {seed}", condense_end=0.25)
+
+
+@arm(
+    "lgc_lasso", "lgc with the group-lasso term (weight 5e-5, 5x the paper's ImageNet value) while condensing"
+)
+def run_lgc_lasso(context: Context, seed: int) -> ArmResult:
+    return _learned(context, seed, recalibrate=False, desc=f"lgc_lasso seed {seed}", lasso=5e-5)
 
 
 # --- the suite ----------------------------------------------------------------------------------

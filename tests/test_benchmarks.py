@@ -118,6 +118,21 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
     assert accuracy.main([*args[:2], "2", *args[3:], "--arms", "lgc"]) == 0
     assert [(r["arm"], r["seed"]) for r in json.loads(out.read_text())["runs"]][-1] == ("lgc", 1)
 
+    report = _script("accuracy_report")
+    page = tmp_path / "results.md"
+    page.write_text("intro\n<!-- accuracy-report:begin -->\nold\n<!-- accuracy-report:end -->\nkept\n")
+    plot = tmp_path / "img" / "plot.png"
+    assert report.main(["--json", str(out), "--markdown", str(page), "--plot", str(plot)]) == 0
+    text = page.read_text()
+    assert text.startswith("intro\n") and text.endswith("kept\n") and "old" not in text
+    assert "| `lgc` | 2 |" in text and "| `lgc_finetune` | 1 |" in text
+    assert (
+        "- `lgc` within 1.0 point of `dense`:" in text and "![accuracy against FLOPs](img/plot.png)" in text
+    )
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    page.write_text("no markers")
+    assert report.main(["--json", str(out), "--markdown", str(page), "--plot", str(plot)]) == 2
+
 
 def test_accuracy_missing_data_and_unknown_arm_exit_2(tmp_path, fake_fashion_mnist, capsys):
     accuracy = _script("accuracy")

@@ -112,6 +112,14 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
     assert all("recalibrated_accuracy" not in drop for drop in runs["lgc"]["drops"])
     capsys.readouterr()
 
+    again = tmp_path / "again.json"  # a run is reproducible: same seed, same numbers
+    assert (
+        accuracy.main([*args[:-4], "--json", str(again), "--work-dir", str(tmp_path / "w2"), "--arms", "lgc"])
+        == 0
+    )
+    rerun = json.loads(again.read_text())["runs"][0]
+    assert (rerun["test_accuracy"], rerun["drops"]) == (runs["lgc"]["test_accuracy"], runs["lgc"]["drops"])
+
     assert accuracy.main(args) == 0  # everything done: nothing retrained, the file unchanged
     assert f"0 runs to do ({len(accuracy.ARMS)} already" in capsys.readouterr().out
     assert json.loads(out.read_text()) == result

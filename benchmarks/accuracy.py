@@ -566,6 +566,12 @@ def run_channel_pruning(context: Context, seed: int) -> ArmResult:
 )
 def run_lgc_finetune(context: Context, seed: int) -> ArmResult:
     recipe = context.recipe
+    return _finetune(context, seed, recipe.finetune_lr, recipe.finetune_condense_end, "lgc_finetune")
+
+
+def _finetune(context: Context, seed: int, lr: float, condense_end: float, name: str) -> ArmResult:
+    """The trained dense network of ``seed`` condensified and fine-tuned for ``finetune_epochs``."""
+    recipe = context.recipe
     model = condense_network(
         context.trained_dense(seed),
         groups=recipe.groups,
@@ -582,11 +588,12 @@ def run_lgc_finetune(context: Context, seed: int) -> ArmResult:
         context,
         seed,
         epochs=recipe.finetune_epochs,
-        lr=recipe.finetune_lr,
-        condense_end=recipe.finetune_condense_end,
-        desc=f"lgc_finetune {seed}",
+        lr=lr,
+        condense_end=condense_end,
+        desc=f"{name} {seed}",
     )
-    return ArmResult(lgconv.finalize(model), recipe.finetune_epochs, training)
+    extra = {"lr": lr, "condense_end": condense_end}
+    return ArmResult(lgconv.finalize(model), recipe.finetune_epochs, training, extra)
 
 
 @arm("lgc_bn_recal", "lgc with batch norm re-estimated after every condensing drop and after finalize")
@@ -604,6 +611,26 @@ def run_lgc_early_condense(context: Context, seed: int) -> ArmResult:
 )
 def run_lgc_lasso(context: Context, seed: int) -> ArmResult:
     return _learned(context, seed, recalibrate=False, desc=f"lgc_lasso seed {seed}", lasso=5e-5)
+
+
+@arm(
+    "lgc_finetune_early",
+    "lgc_finetune with its last drop at 25% of the fine-tune (not 50%): more steps to recover",
+    needs=("dense",),
+)
+def run_lgc_finetune_early(context: Context, seed: int) -> ArmResult:
+    return _finetune(context, seed, context.recipe.finetune_lr, 0.25, "lgc_finetune_early")
+
+
+@arm(
+    "lgc_finetune_lr01",
+    "lgc_finetune at the from-scratch learning rate 0.1 (not 0.05)",
+    needs=("dense",),
+)
+def run_lgc_finetune_lr01(context: Context, seed: int) -> ArmResult:
+    return _finetune(
+        context, seed, context.recipe.lr, context.recipe.finetune_condense_end, "lgc_finetune_lr01"
+    )
 
 
 # --- the suite ----------------------------------------------------------------------------------

@@ -683,6 +683,21 @@ def load_results(path: Path, recipe: Recipe) -> dict[str, Any]:
     return payload
 
 
+def merge_results(path: Path, sources: tuple[Path, ...], recipe: Recipe) -> None:
+    """Append the runs of ``sources`` (same recipe) that ``path`` lacks, in their order."""
+    payload = load_results(path, recipe)
+    done = {(row["arm"], row["seed"]) for row in payload["runs"]}
+    added = 0
+    for source in sources:
+        for row in load_results(source, recipe)["runs"]:
+            if (row["arm"], row["seed"]) not in done:
+                payload["runs"].append(row)
+                done.add((row["arm"], row["seed"]))
+                added += 1
+    write_results(path, payload)
+    click.echo(f"merged {added} runs into {path} ({len(payload['runs'])} in all)")
+
+
 def plan_runs(
     arms: list[str], seeds: int, done: set[tuple[str, int]], context: Context
 ) -> list[tuple[str, int]]:
@@ -730,6 +745,12 @@ def summary_line(row: dict[str, Any]) -> str:
     help="Where the dense runs' weights are kept for the arms that start from them.",
 )
 @click.option("--progress/--no-progress", default=True, help="tqdm progress bars.")
+@click.option(
+    "--merge",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    multiple=True,
+    help="Only add the runs of these result files (same recipe, run in parallel) to the JSON; repeatable.",
+)
 def cli(
     smoke: bool,
     arms: str | None,
@@ -738,9 +759,15 @@ def cli(
     json_path: Path | None,
     work_dir: Path,
     progress: bool,
+    merge: tuple[Path, ...],
 ) -> None:
     """Train every arm for every seed (resumable) and write the results JSON."""
     recipe = SMOKE if smoke else Recipe()
+    if merge:
+        merge_results(
+            json_path or (Path("runs/accuracy-smoke.json") if smoke else DEFAULT_JSON), merge, recipe
+        )
+        return
     torch.set_num_threads(recipe.threads)
     chosen = list(ARMS) if arms is None else [a.strip() for a in arms.split(",") if a.strip()]
     unknown = [a for a in chosen if a not in ARMS]

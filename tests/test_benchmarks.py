@@ -112,18 +112,18 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
     assert all("recalibrated_accuracy" not in drop for drop in runs["lgc"]["drops"])
     capsys.readouterr()
 
-    again = tmp_path / "again.json"  # a run is reproducible: same seed, same numbers
-    assert (
-        accuracy.main([*args[:-4], "--json", str(again), "--work-dir", str(tmp_path / "w2"), "--arms", "lgc"])
-        == 0
-    )
-    rerun = json.loads(again.read_text())["runs"][0]
-    assert (rerun["test_accuracy"], rerun["drops"]) == (runs["lgc"]["test_accuracy"], runs["lgc"]["drops"])
-
     assert accuracy.main(args) == 0  # everything done: nothing retrained, the file unchanged
     assert f"0 runs to do ({len(accuracy.ARMS)} already" in capsys.readouterr().out
     assert json.loads(out.read_text()) == result
-    assert accuracy.main([*args[:2], "2", *args[3:], "--arms", "lgc"]) == 0
+
+    again = tmp_path / "again.json"  # seeds 0 and 1 of lgc, elsewhere: seed 0 gives the same numbers
+    rerun_args = ["--json", str(again), "--work-dir", str(tmp_path / "w2"), "--arms", "lgc"]
+    assert accuracy.main([*args[:2], "2", *args[3:-4], *rerun_args]) == 0
+    rerun = json.loads(again.read_text())["runs"][0]
+    assert (rerun["test_accuracy"], rerun["drops"]) == (runs["lgc"]["test_accuracy"], runs["lgc"]["drops"])
+    capsys.readouterr()
+    assert accuracy.main(["--smoke", "--json", str(out), "--merge", str(again)]) == 0  # only seed 1 is new
+    assert "merged 1 runs" in capsys.readouterr().out
     assert [(r["arm"], r["seed"]) for r in json.loads(out.read_text())["runs"]][-1] == ("lgc", 1)
 
     report = _script("accuracy_report")

@@ -142,8 +142,10 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Non
         x, y = [r["flops"] / 1e6 for r in rows], points(rows)
         mean, std = mean_std(y)
         marker = markers[i % len(markers)]
-        line = left.errorbar(statistics.mean(x), mean, yerr=std, fmt=marker, capsize=4, ms=8, label=name)
-        color = line[0].get_color()
+        color = plt.get_cmap("tab20")((2 * i + i // 10) % 20)  # distinct for up to 20 arms
+        left.errorbar(
+            statistics.mean(x), mean, yerr=std, fmt=marker, capsize=4, ms=8, label=name, color=color
+        )
         left.scatter(x, y, s=10, alpha=0.45, color=color)
         row = len(names) - 1 - i
         right.errorbar(mean, row, xerr=std, fmt=marker, capsize=4, ms=8, color=color)

@@ -1,5 +1,6 @@
 """lgconv: CondenseNet's learned group convolution as a structured-pruning plugin for PyTorch."""
 
+from lgconv.batch_norm import recalibrate_batch_norm
 from lgconv.condensify import CondensePlan, LayerDecision, condensify, plan
 from lgconv.export import ExportReport, export_onnx
 from lgconv.finalize import finalize
@@ -34,6 +35,7 @@ __all__ = [
     "load",
     "optimize_for_inference",
     "plan",
+    "recalibrate_batch_norm",
     "save",
 ]
 from lgconv import models  # noqa: E402, F401  (last: the presets are built with the passes above)

@@ -116,15 +116,19 @@ class CondensationScheduler:
         due = (self.step_count * drops * end.denominator) // (end.numerator * self.total_steps)
         return min(due, drops)
 
-    def step(self) -> None:
-        """Advance one optimizer step and perform every condensing stage now due, missed ones too."""
-        self.step_count += 1
-        self._apply_due_stages()
+    def step(self) -> bool:
+        """Advance one optimizer step and perform every condensing stage now due, missed ones too.
 
-    def _apply_due_stages(self) -> None:
+        Returns True when a layer dropped inputs in this step (the moment to re-estimate batch
+        norm, see :func:`lgconv.recalibrate_batch_norm`).
+        """
+        self.step_count += 1
+        return self._apply_due_stages()
+
+    def _apply_due_stages(self) -> bool:
         targets = {factor: self.target_stage(factor) for factor in self._factors}
         if targets == self._applied:
-            return
+            return False
         changed = []
         for _, layer in self.layers:
             target = targets[layer.condense_factor]
@@ -136,6 +140,7 @@ class CondensationScheduler:
         self._applied = targets
         if changed:
             self._broadcast(changed)
+        return bool(changed)
 
     def _broadcast(self, layers: list[LearnedGroupMixin]) -> None:
         """Make every rank hold rank 0's masks, whatever numerical noise its weights carry."""

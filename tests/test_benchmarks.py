@@ -16,6 +16,7 @@ def _script(name: str):
     sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -85,3 +86,96 @@ def test_runtimes_not_installed_are_skipped_with_one_line(monkeypatch, capsys):
     assert latency.installed_runtimes(None) == ["onnxruntime"]
     assert "skipping openvino: runtime 'openvino' needs the openvino package" in capsys.readouterr().out
     assert latency.installed_runtimes([]) == []
+
+
+def _write_idx(path: Path, array) -> None:
+    """An idx file as Fashion-MNIST ships it: magic (ubyte, dims), big-endian sizes, bytes; gzipped."""
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype("uint8").tobytes()))
+
+
+@pytest.fixture
+def fake_fashion_mnist(tmp_path) -> Path:
+    """Tiny idx files of Fashion-MNIST's layout: a bright square whose place is the class."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    for split, count in (("train", 128), ("t10k", 64)):
+        labels = rng.integers(0, 10, count)
+        images = rng.integers(0, 60, (count, 28, 28))
+        for image, label in zip(images, labels):
+            row, col = divmod(int(label), 4)
+            image[2 + 8 * row : 8 + 8 * row, 2 + 6 * col : 8 + 6 * col] = 250
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path, fake_fashion_mnist, capsys):
+    accuracy = _script("accuracy")
+    out = tmp_path / "acc.json"
+    args = ["--smoke", "--seeds", "1", "--no-progress", "--data-dir", str(fake_fashion_mnist)]
+    args += ["--json", str(out), "--work-dir", str(tmp_path / "work")]
+    assert accuracy.main(args) == 0
+    result = json.loads(out.read_text())
+    runs = {row["arm"]: row for row in result["runs"]}
+    assert list(runs) == list(accuracy.ARMS)  # registry order, dense before the arms that reuse it
+    assert result["recipe"]["threads"] == 1 and "torch" in result["machine"]
+    for row in runs.values():
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["params"] > 0 and row["wall_s"] >= 0
+        assert row["seed"] == 0 and row["epochs"] >= 1
+    target = runs["lgc"]["flops"]
+    assert runs["lgc"]["flops_target"] == target
+    assert runs["dense"]["flops"] > 3 * target
+    for name in ("dense_equal_flops", "fixed_groups", "fixed_groups_shuffle", "lgc_finetune", "lgc_bn_recal"):
+        assert abs(runs[name]["flops"] / target - 1) <= 0.05, name
+    assert 0.85 * target <= runs["channel_pruning"]["flops"] <= target
+    assert runs["lgc_finetune"]["epochs"] * 2 <= runs["lgc"]["epochs"]
+    assert all("recalibrated_accuracy" in drop for drop in runs["lgc_bn_recal"]["drops"])
+    assert all("recalibrated_accuracy" not in drop for drop in runs["lgc"]["drops"])
+    capsys.readouterr()
+
+    assert accuracy.main(args) == 0  # everything done: nothing retrained, the file unchanged
+    assert f"0 runs to do ({len(accuracy.ARMS)} already" in capsys.readouterr().out
+    assert json.loads(out.read_text()) == result
+
+    again = tmp_path / "again.json"  # seeds 0 and 1 of lgc, elsewhere: seed 0 gives the same numbers
+    rerun_args = ["--json", str(again), "--work-dir", str(tmp_path / "w2"), "--arms", "lgc"]
+    assert accuracy.main([*args[:2], "2", *args[3:-4], *rerun_args]) == 0
+    rerun = json.loads(again.read_text())["runs"][0]
+    assert (rerun["test_accuracy"], rerun["drops"]) == (runs["lgc"]["test_accuracy"], runs["lgc"]["drops"])
+    capsys.readouterr()
+    assert accuracy.main(["--smoke", "--json", str(out), "--merge", str(again)]) == 0  # only seed 1 is new
+    assert "merged 1 runs" in capsys.readouterr().out
+    assert [(r["arm"], r["seed"]) for r in json.loads(out.read_text())["runs"]][-1] == ("lgc", 1)
+
+    report = _script("accuracy_report")
+    page = tmp_path / "results.md"
+    page.write_text("intro\n<!-- accuracy-report:begin -->\nold\n<!-- accuracy-report:end -->\nkept\n")
+    plot = tmp_path / "img" / "plot.png"
+    assert report.main(["--json", str(out), "--markdown", str(page), "--plot", str(plot)]) == 0
+    text = page.read_text()
+    assert text.startswith("intro\n") and text.endswith("kept\n") and "old" not in text
+    assert "| `lgc` | 2 |" in text and "| `lgc_finetune` | 1 |" in text
+    assert (
+        "- `lgc` within 1.0 point of `dense`:" in text and "![accuracy against FLOPs](img/plot.png)" in text
+    )
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    page.write_text("no markers")
+    assert report.main(["--json", str(out), "--markdown", str(page), "--plot", str(plot)]) == 2
+
+
+def test_accuracy_missing_data_and_unknown_arm_exit_2(tmp_path, fake_fashion_mnist, capsys):
+    accuracy = _script("accuracy")
+    common = ["--smoke", "--json", str(tmp_path / "a.json"), "--work-dir", str(tmp_path / "w")]
+    assert accuracy.main([*common, "--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+    assert accuracy.main([*common, "--data-dir", str(fake_fashion_mnist), "--arms", "lgc,nope"]) == 2
+    assert "unknown arm 'nope'" in capsys.readouterr().err
+    assert accuracy.main([*common, "--data-dir", str(fake_fashion_mnist), "--arms", "lgc_finetune"]) == 2
+    assert "add --arms dense" in capsys.readouterr().err
+    assert not (tmp_path / "a.json").exists()

@@ -351,3 +351,19 @@ def test_a_model_without_learned_group_layers_and_a_bad_state_are_refused():
     scheduler = CondensationScheduler(lgc_stack(2), 10)
     with pytest.raises(KeyError, match=r"missing \['lasso', 'step_count'\]"):
         scheduler.load_state_dict({"total_steps": 10, "condense_end": 0.5})
+
+
+def test_step_reports_exactly_the_steps_that_dropped_inputs():
+    model = lgc_stack(4, 2)  # C = 4: drops at steps 2, 4, 6 of 12; C = 2: one drop at step 6
+    scheduler = CondensationScheduler(model, total_steps=12)
+    reported = [step for step in range(1, 13) if scheduler.step()]
+    assert reported == [2, 4, 6]
+    assert stages(model) == [3, 1]
+
+
+def test_step_reports_a_jump_over_several_boundaries_once():
+    model = lgc_stack(4)
+    scheduler = CondensationScheduler(model, total_steps=12)
+    scheduler.step_count = 5
+    assert scheduler.step() is True and stages(model) == [3]
+    assert scheduler.step() is False

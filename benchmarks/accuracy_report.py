@@ -1,0 +1,250 @@
+"""Tables, target checks and the accuracy-vs-FLOPs plot of docs/results.md, from accuracy.json.
+
+    python benchmarks/accuracy_report.py          # rewrites the generated part of docs/results.md
+
+Only the text between the ``accuracy-report`` markers of the markdown file is replaced, so the
+hand-written discussion around it stays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- accuracy-report:begin -->", "<!-- accuracy-report:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _timing  # noqa: E402
+
+
+class CliError(click.ClickException):
+    exit_code = 2
+
+
+def by_arm(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs grouped per arm, in the order the arms first appear (the suite's order)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in runs:
+        groups.setdefault(row["arm"], []).append(row)
+    return groups
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def points(rows: Sequence[dict[str, Any]]) -> list[float]:
+    return [100 * r["test_accuracy"] for r in rows]
+
+
+def summary_table(groups: dict[str, list[dict[str, Any]]], target: int) -> str:
+    body = []
+    for name, rows in groups.items():
+        mean, std = mean_std(points(rows))
+        flops = statistics.mean(r["flops"] for r in rows)
+        body.append(
+            [
+                f"`{name}`",
+                len(rows),
+                f"**{mean:.2f}** ± {std:.2f}",
+                f"{min(points(rows)):.2f} – {max(points(rows)):.2f}",
+                f"{flops / 1e6:.2f}M",
+                f"{flops / target:.2f}",
+                f"{round(statistics.mean(r['params'] for r in rows)):,}",
+                rows[0]["epochs"],
+                f"{statistics.mean(r['wall_s'] for r in rows):.0f}",
+            ]
+        )
+    header = ["arm", "seeds", "test accuracy % (mean ± std)", "min – max", "FLOPs", "× lgc", "params"]
+    return _timing.markdown_table([*header, "epochs", "s per run"], body)
+
+
+def seed_table(groups: dict[str, list[dict[str, Any]]]) -> str:
+    seeds = sorted({r["seed"] for rows in groups.values() for r in rows})
+    body = []
+    for name, rows in groups.items():
+        accuracy = {r["seed"]: f"{100 * r['test_accuracy']:.2f}" for r in rows}
+        body.append([f"`{name}`", *(accuracy.get(s, "") for s in seeds)])
+    return _timing.markdown_table(["arm", *(f"seed {s}" for s in seeds)], body)
+
+
+def drop_table(groups: dict[str, list[dict[str, Any]]]) -> str:
+    """Test accuracy (first images of the test set) right after each drop, mean over seeds."""
+    body = []
+    for name, rows in groups.items():
+        if not all(r.get("drops") for r in rows):
+            continue
+        count = min(len(r["drops"]) for r in rows)
+        for key, label in (("stale_accuracy", "as left"), ("recalibrated_accuracy", "BN re-estimated")):
+            if key not in rows[0]["drops"][0]:
+                continue
+            cells = [statistics.mean(100 * r["drops"][i][key] for r in rows) for i in range(count)]
+            body.append([f"`{name}`", label, *(f"{c:.1f}" for c in cells)])
+    if not body:
+        return ""
+    width = max(len(row) for row in body) - 2
+    return _timing.markdown_table(["arm", "statistics", *(f"drop {i + 1}" for i in range(width))], body)
+
+
+def targets(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The issue's targets (means over seeds), each with the numbers and whether it is met."""
+
+    def mean(name: str) -> float | None:
+        return statistics.mean(points(groups[name])) if name in groups else None
+
+    lines = []
+    checks = [
+        ("`lgc` ≥ `dense_equal_flops`", "lgc", "dense_equal_flops", 0.0),
+        ("`lgc` ≥ `fixed_groups`", "lgc", "fixed_groups", 0.0),
+        ("`lgc` within 1.0 point of `dense`", "lgc", "dense", -1.0),
+        ("`lgc_finetune` within 0.5 point of `lgc`", "lgc_finetune", "lgc", -0.5),
+        ("`lgc_finetune` ≥ `channel_pruning`", "lgc_finetune", "channel_pruning", 0.0),
+    ]
+    for label, left, right, allowed in checks:
+        a, b = mean(left), mean(right)
+        if a is None or b is None:
+            lines.append(f"- {label}: not measured")
+            continue
+        verdict = "**met**" if a - b >= allowed - 1e-9 else "**missed**"
+        lines.append(f"- {label}: {a:.2f}% vs {b:.2f}% ({a - b:+.2f} points): {verdict}")
+    if "lgc_finetune" in groups and "lgc" in groups:
+        ratio = groups["lgc_finetune"][0]["epochs"] / groups["lgc"][0]["epochs"]
+        lines.append(f"- `lgc_finetune` epochs: {ratio:.2f}x those of `lgc` (at most 0.5 asked)")
+    base = mean("lgc")
+    for name in groups:
+        if name.startswith("lgc_") and name != "lgc_finetune" and base is not None:
+            lines.append(f"- variant `{name}`: {mean(name):.2f}% ({mean(name) - base:+.2f} points vs `lgc`)")
+    return lines
+
+
+def plot(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+    """Left: accuracy against FLOPs (every run a dot, each arm's mean ± std); right: the arms side by
+    side, since most of them sit at the same FLOPs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [1.1, 1]})
+    markers = "osD^v<>pPX*h"
+    names = list(groups)
+    for i, name in enumerate(names):
+        rows = groups[name]
+        x, y = [r["flops"] / 1e6 for r in rows], points(rows)
+        mean, std = mean_std(y)
+        marker = markers[i % len(markers)]
+        color = plt.get_cmap("tab20")((2 * i + i // 10) % 20)  # distinct for up to 20 arms
+        left.errorbar(
+            statistics.mean(x), mean, yerr=std, fmt=marker, capsize=4, ms=8, label=name, color=color
+        )
+        left.scatter(x, y, s=10, alpha=0.45, color=color)
+        row = len(names) - 1 - i
+        right.errorbar(mean, row, xerr=std, fmt=marker, capsize=4, ms=8, color=color)
+        right.scatter(y, [row] * len(y), s=14, alpha=0.45, color=color)
+        right.annotate(f"{mean:.2f}", (mean, row), textcoords="offset points", xytext=(0, 7), fontsize=8)
+    left.set_xscale("log")
+    left.xaxis.set_major_formatter(ScalarFormatter())
+    left.xaxis.set_minor_formatter(ScalarFormatter())
+    left.set_xlabel("multiply-adds per image (fvcore), millions, log scale")
+    left.set_ylabel("test accuracy % (mean ± std over seeds; dots: runs)")
+    left.grid(alpha=0.3, which="both")
+    left.legend(fontsize=8, loc="lower right")
+    right.set_yticks(
+        range(len(names)), [f"{n} ({groups[n][0]['flops'] / 1e6:.1f}M)" for n in reversed(names)]
+    )
+    right.set_xlabel("test accuracy % (mean ± std; dots: runs)")
+    right.grid(alpha=0.3, axis="x")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def report(payload: dict[str, Any], image: str) -> str:
+    groups = by_arm(payload["runs"])
+    recipe = payload["recipe"]
+    target = payload["runs"][0]["flops_target"]
+    seeds = sorted({r["seed"] for r in payload["runs"]})
+    parts = [
+        f"Generated by `benchmarks/accuracy_report.py` from `benchmarks/results/accuracy.json` "
+        f"({len(payload['runs'])} runs, seeds {', '.join(map(str, seeds))}). "
+        f"Machine: {_timing.machine_line(payload['machine'])}, {recipe['threads']} thread per run.",
+        f"Network: {recipe['model']}; {recipe['train_images']:,} training images (a fixed random "
+        f"subset), the first {recipe['test_images']:,} test images; {recipe['epochs']} epochs "
+        f"(fine-tuning arms {recipe['finetune_epochs']}), batch {recipe['batch_size']}, SGD "
+        f"{'Nesterov ' if recipe['nesterov'] else ''}momentum {recipe['momentum']}, weight decay "
+        f"{recipe['weight_decay']}, lr {recipe['lr']} (fine-tuning {recipe['finetune_lr']}) with a cosine "
+        f"decay per step, random crop (padding {recipe['crop_padding']}) + flip. lgc budget: "
+        f"{target / 1e6:.2f}M multiply-adds per 1x28x28 image.",
+        summary_table(groups, target),
+        "Targets of the issue (means over seeds):\n\n" + "\n".join(targets(groups)),
+        "Per seed (test accuracy %):\n\n" + seed_table(groups),
+    ]
+    drops = drop_table(groups)
+    if drops:
+        parts.append(
+            f"Test accuracy % right after each condensing drop (first {recipe['drop_eval_images']:,} test "
+            "images, mean over seeds):\n\n" + drops
+        )
+    parts.append(f"![accuracy against FLOPs]({image})")
+    return "\n\n".join(parts)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=ROOT / "benchmarks" / "results" / "accuracy.json",
+)
+@click.option(
+    "--markdown", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "docs" / "results.md"
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=ROOT / "docs" / "img" / "accuracy_vs_flops.png",
+)
+def cli(json_path: Path, markdown: Path, plot_path: Path) -> None:
+    """Rewrite the generated block of MARKDOWN and the plot from the results JSON."""
+    if not json_path.exists():
+        raise CliError(f"no results at {json_path}; run benchmarks/accuracy.py first")
+    payload = json.loads(json_path.read_text())
+    if not payload.get("runs"):
+        raise CliError(f"{json_path} holds no runs yet")
+    text = markdown.read_text() if markdown.exists() else ""
+    if BEGIN not in text or END not in text:
+        raise CliError(f"{markdown} lacks the {BEGIN} ... {END} markers that say where the report goes")
+    image = os.path.relpath(plot_path, markdown.parent)
+    title = (
+        f"{payload['recipe']['model']}\non Fashion-MNIST ({payload['recipe']['train_images']:,} train images)"
+    )
+    plot(by_arm(payload["runs"]), plot_path, title)
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    markdown.write_text(f"{head}{BEGIN}\n{report(payload, image)}\n{END}{tail}")
+    click.echo(f"wrote {markdown} and {plot_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(argv, standalone_mode=False)
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -44,6 +44,9 @@ _MAX_SPEC_DEPTH = 12
 _MAX_LAYERS = 100_000
 _MAX_NAME = 1000
 _MAX_INPUT_ELEMENTS = 2**22  # the recorded input size is run through the model by ``lgconv flops``
+# Builder arguments are numbers like num_classes, depth, img_size: larger ones are no real model,
+# and a builder may make a Python list of that length before any tensor.
+_MAX_ARCH_INT = 2**22
 # What a hostile builder argument or layer config can make a builder raise.
 _BUILD_ERRORS = (
     TypeError,
@@ -131,7 +134,7 @@ class ModelSpec:
                 )
             return cls(
                 arch=_text(data.get("arch"), "arch", 300),
-                arch_kwargs=_object(data.get("arch_kwargs"), "arch_kwargs"),
+                arch_kwargs=_arch_kwargs(data.get("arch_kwargs")),
                 layers=_records(data.get("layers")),
                 input_size=_input_size(data.get("input_size")),
                 training=_flag(data.get("training", False), "training"),
@@ -169,6 +172,20 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be an object, got {type(value).__name__}")
     return value
+
+
+def _arch_kwargs(value: Any) -> dict[str, Any]:
+    kwargs = _object(value, "arch_kwargs")
+    stack = list(kwargs.items())
+    while stack:
+        key, item = stack.pop()
+        if isinstance(item, (int, float)) and not isinstance(item, bool) and abs(item) > _MAX_ARCH_INT:
+            raise ValueError(f"arch_kwargs {key}={item!r} is absurdly large (over {_MAX_ARCH_INT:,})")
+        if isinstance(item, dict):
+            stack.extend(item.items())
+        elif isinstance(item, list):
+            stack.extend((key, v) for v in item)
+    return kwargs
 
 
 def _count(value: Any, what: str, lowest: int = 0) -> int:

@@ -6,8 +6,9 @@ drop-path schedules call ``.item()`` on a ``linspace``) and leaves buffers that 
 :class:`Skeleton` every tensor factory runs on the meta device first; results up to
 ``SMALL_TENSOR_BYTES`` (within a total budget) are made for real, everything larger stays on meta.
 Writes into parameters are skipped (the file supplies every parameter, so random init is wasted
-work), and the number of tensors made is capped, so a builder argument such as ``depth=10**9``
-stops with a ``ValueError`` instead of running out of memory.
+work), the number of tensors made is capped and iterating over a huge tensor is refused, so
+a builder argument such as ``depth=10**8`` stops with a ``ValueError`` instead of running out of
+memory.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ _FACTORIES = frozenset(
     }
 )
 _NOT_WRITES = frozenset({"requires_grad_", "retain_grad", "share_memory_"})
+_SPLITS = frozenset({Tensor.__iter__, Tensor.unbind, torch.unbind})
+_MAX_SPLIT = 65_536  # iterating over a tensor builds one Python object per row
 
 
 class TooManyTensors(ValueError):
@@ -95,6 +98,12 @@ class Skeleton(TorchFunctionMode):
                 return meta
             self.real_bytes += size
             return func(*args, **{**kwargs, "device": "cpu"})
+        if func in _SPLITS and args and isinstance(args[0], Tensor) and args[0].dim():
+            if args[0].shape[0] > _MAX_SPLIT:
+                raise ValueError(
+                    f"the builder iterates over a tensor of {args[0].shape[0]:,} rows, more than any "
+                    "model's structure has (a builder argument is absurd)"
+                )
         if _writes_parameter(func, args, kwargs):
             return args[0] if args else kwargs["tensor"]
         return func(*args, **kwargs)

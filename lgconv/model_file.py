@@ -121,7 +121,7 @@ class ModelSpec:
     def from_json(cls, text: str, source: str = "the file") -> ModelSpec:
         """Parse and validate a spec: bounded JSON, every field of the expected type and range."""
         try:
-            data = safetensors_io.parse_json(text, max_bytes=_MAX_SPEC_BYTES, max_depth=_MAX_SPEC_DEPTH)
+            data = safetensors_io.parse_json(text, max_bytes=_MAX_SPEC_BYTES)
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise ValueError("no lgconv format tag")
             version = data.get("version")
@@ -176,15 +176,17 @@ def _object(value: Any, what: str) -> dict[str, Any]:
 
 def _arch_kwargs(value: Any) -> dict[str, Any]:
     kwargs = _object(value, "arch_kwargs")
-    stack = list(kwargs.items())
+    stack = [(key, item, 1) for key, item in kwargs.items()]
     while stack:
-        key, item = stack.pop()
+        key, item, depth = stack.pop()
+        if depth > _MAX_SPEC_DEPTH:
+            raise ValueError(f"arch_kwargs {key} is nested deeper than {_MAX_SPEC_DEPTH} levels")
         if isinstance(item, (int, float)) and not isinstance(item, bool) and abs(item) > _MAX_ARCH_INT:
             raise ValueError(f"arch_kwargs {key}={item!r} is absurdly large (over {_MAX_ARCH_INT:,})")
         if isinstance(item, dict):
-            stack.extend(item.items())
+            stack.extend((key, v, depth + 1) for v in item.values())
         elif isinstance(item, list):
-            stack.extend((key, v) for v in item)
+            stack.extend((key, v, depth + 1) for v in item)
     return kwargs
 
 
@@ -535,12 +537,14 @@ def assign_weights(
     tensors: Mapping[str, Tensor],
     what: str,
     metadata: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    allow_meta: bool = False,
 ) -> nn.Module:
     """Make ``tensors`` the model's parameters and buffers (no copy, no init), after :func:`check_fits`.
 
     Floating tensors of another floating dtype are cast to the model's; tensors the model ties
     (one tensor under several names) stay tied. Refuses a model left with tensors on the meta device
-    (a non-persistent buffer too large to have been computed while building).
+    (a non-persistent buffer too large to have been computed while building) unless ``allow_meta``.
     """
     expected = model.state_dict(keep_vars=True)
     check_fits(model, shapes_of(tensors), what)
@@ -562,12 +566,16 @@ def assign_weights(
             for name in names[1:]:
                 _set_tensor(model, name, first)
     left = meta_tensors(model)
-    if left:
-        raise ValueError(
-            f"{what} computes {left[0]!r} while building, a buffer too large for lgconv to compute before "
-            "checking the file (and not stored in it); build the model yourself and load_state_dict"
-        )
+    if left and not allow_meta:
+        raise ValueError(_meta_left(what, left[0]))
     return model
+
+
+def _meta_left(what: str, name: str) -> str:
+    return (
+        f"{what} computes {name!r} while building, a buffer too large for lgconv to compute before "
+        "checking the file (and not stored in it); build the model yourself and load_state_dict"
+    )
 
 
 def skeleton(
@@ -579,14 +587,16 @@ def skeleton(
     layers: Sequence[LayerRecord] = (),
     dtype: str | None = None,
     source: str = "the spec",
+    thrifty: bool = False,
 ) -> nn.Module:
     """``arch`` built with ``layers`` in place, weights on the meta device (see ``lgconv.skeleton``).
 
     ``tensors`` is how many tensors the file holds: a build making far more stops with a ValueError.
+    ``thrifty`` keeps large constant fills on meta too (see :class:`lgconv.skeleton.Skeleton`).
     """
     limit = 8 * tensors + 10_000
     try:
-        with Skeleton(limit):
+        with Skeleton(limit, thrifty=thrifty):
             model = _replace_layers(build_arch(arch, kwargs, trust_builder=trust_builder), layers, source)
             if dtype is not None:
                 model = model.to(getattr(torch, dtype))
@@ -749,18 +759,27 @@ def _read(file: Path) -> tuple[safetensors_io.Header, ModelSpec | None]:
 
 
 def _checked_skeleton(
-    file: Path, header: safetensors_io.Header, spec: ModelSpec, trust_builder: bool
+    file: Path, header: safetensors_io.Header, spec: ModelSpec, trust_builder: bool, thrifty: bool = False
 ) -> nn.Module:
-    """The spec's model as a skeleton, refused unless its state dict matches the header exactly."""
-    model = skeleton(
-        spec.arch,
-        spec.arch_kwargs,
+    """The spec's model as a skeleton, refused unless its state dict matches the header exactly.
+
+    A thrifty build that fails is retried as a plain skeleton (see :class:`lgconv.skeleton.Skeleton`).
+    """
+    options = dict(
         trust_builder=trust_builder,
         tensors=len(header.tensors),
         layers=spec.layers,
         dtype=spec.dtype,
         source=str(file),
     )
+    try:
+        model = skeleton(spec.arch, spec.arch_kwargs, thrifty=thrifty, **options)
+    except UntrustedBuilder:
+        raise
+    except ValueError:
+        if not thrifty:
+            raise
+        model = skeleton(spec.arch, spec.arch_kwargs, **options)
     shapes = {name: (entry.shape, entry.dtype) for name, entry in header.tensors.items()}
     check_fits(model, shapes, f"{spec.arch} as recorded in {file}")
     return model
@@ -837,9 +856,13 @@ def load_with_spec(
             f"{path} holds plain weights without an lgconv spec; build the model yourself and "
             "load_state_dict(safetensors.torch.load_file(path)), or pass --arch on the command line"
         )
-    model = _checked_skeleton(file, header, spec, trust_builder)
+    what = f"{spec.arch} as recorded in {path}"
+    model = _checked_skeleton(file, header, spec, trust_builder, thrifty=True)
     tensors = safetensors_io.read_data(file, header)
-    assign_weights(model, tensors, f"{spec.arch} as recorded in {path}", spec.state_metadata)
+    assign_weights(model, tensors, what, spec.state_metadata, allow_meta=True)
+    if meta_tensors(model):  # the thrifty build left a buffer uncomputed: build it in full
+        model = _checked_skeleton(file, header, spec, trust_builder)
+        assign_weights(model, tensors, what, spec.state_metadata)
     _check_values(model, str(file))
     if spec.input_size is not None:
         model.default_input_size = spec.input_size

@@ -79,26 +79,25 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def check_json_value(value: Any, max_depth: int) -> None:
-    """Refuse nesting deeper than ``max_depth``, non-finite floats and absurd integers (iteratively)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > max_depth:
-                raise ValueError(f"nested deeper than {max_depth} levels")
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-        elif isinstance(item, float) and not math.isfinite(item):
-            raise ValueError(f"non-finite number {item}")
-        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > _MAX_INT:
-            raise ValueError(f"absurd integer {item}")
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite number {text[:20]}")
+    return value
 
 
-def parse_json(raw: bytes | str, *, max_bytes: int, max_depth: int) -> Any:
-    """JSON with bounded size, object count and depth, no duplicate keys, NaN or Infinity.
+def _int(text: str) -> int:
+    if len(text) > 17 or abs(value := int(text)) > _MAX_INT:
+        raise ValueError(f"absurd integer {text[:20]}")
+    return value
 
-    Raises ``ValueError`` with the reason; counting brackets before parsing keeps a hostile document
-    from building millions of objects (characters inside strings only make the count stricter).
+
+def parse_json(raw: bytes | str, *, max_bytes: int) -> Any:
+    """JSON with bounded size and object count; no duplicate keys, NaN, Infinity or integers over 2**53.
+
+    Raises ``ValueError`` with the reason. Counting brackets before parsing keeps a hostile document
+    from building millions of objects (characters inside strings only make the count stricter);
+    depth is bounded by Python's recursion limit here and by the caller's check of the structure.
     """
     data = raw.encode() if isinstance(raw, str) else raw
     if len(data) > max_bytes:
@@ -108,15 +107,19 @@ def parse_json(raw: bytes | str, *, max_bytes: int, max_depth: int) -> Any:
     if data.count(b'"') > 2 * _MAX_STRINGS:
         raise ValueError("more JSON strings than any model needs")
     try:
-        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        return json.loads(
+            data,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_float=_float,
+            parse_int=_int,
+        )
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except UnicodeDecodeError:
         raise ValueError("not UTF-8 text") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"not JSON: {error.msg} at byte {error.pos}") from None
-    check_json_value(value, max_depth)
-    return value
 
 
 def _size(value: Any) -> int:
@@ -171,7 +174,7 @@ def read_header(path: str | os.PathLike[str]) -> Header | None:
             )
         raw = head[8:] + handle.read(length - 1)
     try:
-        header = parse_json(raw, max_bytes=MAX_HEADER_BYTES, max_depth=3)
+        header = parse_json(raw, max_bytes=MAX_HEADER_BYTES)
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
@@ -206,22 +209,33 @@ def _check_layout(tensors: Mapping[str, TensorEntry], data_size: int) -> None:
         )
 
 
+def _fill(handle: Any, target: memoryview, offset: int) -> bool:
+    """Read ``len(target)`` bytes at ``offset`` into ``target`` (a read may return less); False at EOF."""
+    handle.seek(offset)
+    done = 0
+    while done < len(target):
+        count = handle.readinto(target[done:])
+        if not count:
+            return False
+        done += count
+    return True
+
+
 def read_data(path: str | os.PathLike[str], header: Header) -> dict[str, Tensor]:
     """The tensors ``header`` declares, each read straight into its own (aligned) allocation.
 
-    One ``readinto`` per tensor, in file order: memory is the file's tensors and nothing more, and
-    every tensor is laid out as ``torch.empty`` lays it out, so kernels see what a fresh model has.
+    Unbuffered reads in file order: memory is the file's tensors and nothing more, and every
+    tensor is laid out as ``torch.empty`` lays it out, so kernels see what a fresh model has.
     """
     tensors = {}
-    with open(path, "rb") as handle:
+    with open(path, "rb", buffering=0) as handle:
         for name, entry in sorted(header.tensors.items(), key=lambda item: item[1].start):
             tensor = torch.empty(entry.shape, dtype=entry.dtype)
             if entry.end > entry.start:
-                raw = tensor.reshape(-1).view(torch.uint8)
-                handle.seek(header.data_start + entry.start)
-                if handle.readinto(raw.numpy()) != entry.end - entry.start:
+                raw = tensor.reshape(-1).view(torch.uint8).numpy()
+                if not _fill(handle, memoryview(raw), header.data_start + entry.start):
                     raise ValueError(f"{path} is a corrupt or truncated safetensors file (data cut short)")
-                if entry.dtype == torch.bool and int(raw.max()) > 1:
+                if entry.dtype == torch.bool and int(raw.max()) > 1:  # numpy's max: 30x torch's on uint8
                     raise ValueError(f"{path} is a corrupt safetensors file (bool {name!r} is not 0/1)")
             tensors[name] = tensor
     return {name: tensors[name] for name in header.tensors}

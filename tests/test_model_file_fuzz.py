@@ -132,7 +132,9 @@ JSON_VALUES = st.recursive(
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20)
     | st.sampled_from(["", "conv1", "layer1.0", "fc", "timm:resnet18", "LearnedGroupConv", "os:system"]),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=8,
 )
 
@@ -293,7 +295,9 @@ CRAFTED = textwrap.dedent(
         "wide": {**spec, "layers": [wide, *spec["layers"][1:]]},
         "classes": {**spec, "arch_kwargs": {"num_classes": 3_000_000_000}},
         "classes_2e6": {**spec, "arch_kwargs": {"num_classes": 2_000_000}},
-        "depth": {**spec, "arch": "timm:vit_tiny_patch16_224", "arch_kwargs": {"depth": 60_000}, "layers": []},
+        "depth": {
+            **spec, "arch": "timm:vit_tiny_patch16_224", "arch_kwargs": {"depth": 60_000}, "layers": []
+        },
     }
     outcomes = {}
     for name, edited in crafted.items():

@@ -58,3 +58,15 @@ def test_unknown_model_exits_2(capsys):
         latency.main(["--models", "vgg99"])
     assert exit_info.value.code == 2
     assert "unknown model 'vgg99'" in capsys.readouterr().err
+
+
+def test_load_time_smoke_times_every_form(tmp_path):
+    load_time = _script("load_time")
+    assert (
+        load_time.main(["--smoke", "--json", str(tmp_path / "t.json"), "--markdown", str(tmp_path / "t.md")])
+        == 0
+    )
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [row["form"] for row in rows] == list(load_time.FORMS)
+    assert all(row["timing"]["median_ms"] > 0 for row in rows)
+    assert "| condensified resnet18 | lgconv.load |" in (tmp_path / "t.md").read_text()

@@ -303,10 +303,11 @@ def _layer_rows(spec: model_file.ModelSpec) -> list[tuple[str, ...]]:
         config, state = record.config, record.state
         inputs = config.get("in_channels", config.get("in_features"))
         outputs = config.get("out_channels", config.get("out_features"))
-        kernel = "x".join(map(str, config.get("kernel_size", [])))
+        size = config.get("kernel_size", [])
+        kernel = "x".join(map(str, size if isinstance(size, list) else [size, size]))
         groups = config.get("learned_groups", config.get("groups", "?"))
         factor = config.get("condense_factor")
-        stage = f"{state['stage']}/{state['max_stage']}" if "stage" in state else "final"
+        stage = f"{state['stage']}/{state.get('max_stage', '?')}" if "stage" in state else "final"
         density = f"{state['density']:.3f}" if "density" in state else "?"
         rows.append(
             (
@@ -355,7 +356,9 @@ def inspect(model_file: Path, as_json: bool) -> None:
     header = ("layer", "type", "shape", "groups", "factor", "stage", "density")
     click.echo(_table([header, *_layer_rows(spec)]))
     masked = sum(1 for r in spec.layers if "stage" in r.state)
-    unfinished = sum(1 for r in spec.layers if "stage" in r.state and r.state["stage"] < r.state["max_stage"])
+    unfinished = sum(
+        1 for r in spec.layers if "stage" in r.state and r.state["stage"] < r.state.get("max_stage", 0)
+    )
     click.echo(
         f"{len(spec.layers)} lgconv layers: {masked} masked ({unfinished} still condensing), "
         f"{len(spec.layers) - masked} finalized"

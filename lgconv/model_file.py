@@ -2,8 +2,11 @@
 
 The spec names where the architecture comes from (``timm:NAME``, ``lgconv:PRESET`` or an importable
 builder ``package.module:function``, with its keyword arguments), every lgconv layer's qualified
-name, type and constructor config, and the input size when known. Loading builds the base model,
-puts a fresh lgconv layer at every recorded name and loads the weights strictly: no pickled code.
+name, type and constructor config, and the input size when known. Loading checks before it
+allocates: the header and spec are parsed with bounds, the model is built as a skeleton (large
+tensors on the meta device, see ``lgconv.skeleton``), its state-dict names, shapes and dtypes are
+compared with the header, and only then is the file's data read (once) and assigned to the model,
+so nothing is randomly initialised and nothing is pickled. See docs/security.md.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lgconv import safetensors_io
 from lgconv.flops import default_input_size
 from lgconv.layers.learned_group import LearnedGroupMixin
+from lgconv.skeleton import Skeleton, TooManyTensors, meta_tensors
 
 FORMAT = "lgconv"
 VERSION = 1
@@ -32,8 +37,30 @@ METADATA_KEY = "lgconv"
 TRUSTED_BUILDER_PACKAGES = ("timm.models", "torchvision.models", "lgconv.models")
 # Builder arguments that download or read other weights: the file already holds them.
 _DOWNLOADING_KWARGS = ("pretrained", "weights", "weights_backbone", "pretrained_backbone", "checkpoint_path")
-_SAFETENSORS_MAX_HEADER = 100_000_000
 _DATA_PARALLEL = ("DistributedDataParallel", "DataParallel")
+# Bounds on what a spec may declare; a real spec is a few kB to a few hundred kB.
+_MAX_SPEC_BYTES = 4_000_000
+_MAX_SPEC_DEPTH = 12
+_MAX_LAYERS = 100_000
+_MAX_NAME = 1000
+_MAX_INPUT_ELEMENTS = 2**22  # the recorded input size is run through the model by ``lgconv flops``
+# Builder arguments are numbers like num_classes, depth, img_size: larger ones are no real model,
+# and a builder may make a Python list of that length before any tensor.
+_MAX_ARCH_INT = 2**22
+# What a hostile builder argument or layer config can make a builder raise.
+_BUILD_ERRORS = (
+    TypeError,
+    ValueError,
+    RuntimeError,
+    NotImplementedError,
+    OverflowError,
+    ZeroDivisionError,
+    IndexError,
+    KeyError,
+    AttributeError,
+    AssertionError,
+)
+_STATE_INTS = ("stage", "max_stage", "kept_inputs", "inputs", "index_length")
 
 
 @dataclass(frozen=True)
@@ -92,36 +119,162 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, text: str, source: str = "the file") -> ModelSpec:
+        """Parse and validate a spec: bounded JSON, every field of the expected type and range."""
         try:
-            data = json.loads(text)
-            if data.get("format") != FORMAT:
+            data = safetensors_io.parse_json(text, max_bytes=_MAX_SPEC_BYTES)
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise ValueError("no lgconv format tag")
-            if int(data["version"]) > VERSION:
-                raise ValueError(
-                    f"{source} was written by a newer lgconv (format version {data['version']}, this "
+            version = data.get("version")
+            if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+                raise ValueError(f"version {version!r} is not a positive integer")
+            if version > VERSION:
+                raise _NewerFormat(
+                    f"{source} was written by a newer lgconv (format version {version}, this "
                     f"lgconv reads up to {VERSION}); upgrade lgconv"
                 )
-            layers = tuple(
-                LayerRecord(tuple(r["names"]), str(r["type"]), dict(r["config"]), dict(r.get("state", {})))
-                for r in data["layers"]
-            )
-            size = data.get("input_size")
             return cls(
-                arch=str(data["arch"]),
-                arch_kwargs=dict(data.get("arch_kwargs") or {}),
-                layers=layers,
-                input_size=tuple(int(s) for s in size) if size else None,
-                training=bool(data.get("training", False)),
+                arch=_text(data.get("arch"), "arch", 300),
+                arch_kwargs=_arch_kwargs(data.get("arch_kwargs")),
+                layers=_records(data.get("layers")),
+                input_size=_input_size(data.get("input_size")),
+                training=_flag(data.get("training", False), "training"),
                 dtype=_checked_dtype(data.get("dtype")),
-                state_metadata={str(k): dict(v) for k, v in (data.get("state_metadata") or {}).items()},
-                version=int(data["version"]),
+                state_metadata=_state_metadata(data.get("state_metadata")),
+                version=version,
             )
+        except _NewerFormat:
+            raise
         except ValueError as error:
-            if "newer lgconv" in str(error):
-                raise
             raise ValueError(f"{source} has a corrupt lgconv spec ({error}); re-save the model") from None
-        except (KeyError, TypeError, AttributeError) as error:
-            raise ValueError(f"{source} has a corrupt lgconv spec (bad {error}); re-save the model") from None
+
+
+class _NewerFormat(ValueError):
+    """The file's format version is newer than this lgconv reads."""
+
+
+def _text(value: Any, what: str, longest: int) -> str:
+    if not isinstance(value, str) or not value or len(value) > longest:
+        raise ValueError(
+            f"{what} must be a non-empty string of up to {longest} characters, got {value!r:.80}"
+        )
+    return value
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, got {value!r:.80}")
+    return value
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _arch_kwargs(value: Any) -> dict[str, Any]:
+    kwargs = _object(value, "arch_kwargs")
+    stack = [(key, item, 1) for key, item in kwargs.items()]
+    while stack:
+        key, item, depth = stack.pop()
+        if depth > _MAX_SPEC_DEPTH:
+            raise ValueError(f"arch_kwargs {key} is nested deeper than {_MAX_SPEC_DEPTH} levels")
+        if isinstance(item, (int, float)) and not isinstance(item, bool) and abs(item) > _MAX_ARCH_INT:
+            raise ValueError(f"arch_kwargs {key}={item!r} is absurdly large (over {_MAX_ARCH_INT:,})")
+        if isinstance(item, dict):
+            stack.extend((key, v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((key, v, depth + 1) for v in item)
+    return kwargs
+
+
+def _count(value: Any, what: str, lowest: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise ValueError(f"{what} must be an integer >= {lowest}, got {value!r:.80}")
+    return value
+
+
+def _input_size(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 1 <= len(value) <= 8:
+        raise ValueError(f"input_size must be a list of 1 to 8 sizes, got {value!r:.80}")
+    size = tuple(_count(s, "every input_size entry", 1) for s in value)
+    elements = 1
+    for s in size:
+        elements *= s
+        if elements > _MAX_INPUT_ELEMENTS:
+            raise ValueError(
+                f"input_size {list(size)} is absurdly large (over {_MAX_INPUT_ELEMENTS:,} values)"
+            )
+    return size
+
+
+def _layer_name(name: Any) -> str:
+    if not isinstance(name, str) or len(name) > _MAX_NAME or (name and "" in name.split(".")):
+        raise ValueError(f"layer name {name!r:.80} is not a dotted module name")
+    return name
+
+
+def _scalar_or_list(key: str, value: Any) -> Any:
+    if isinstance(value, list):
+        if len(value) > 8 or not all(v is None or isinstance(v, (int, float, str, bool)) for v in value):
+            raise ValueError(f"config value {key!r} is not a short list of numbers")
+    elif not (value is None or isinstance(value, (int, float, str, bool))):
+        raise ValueError(f"config value {key!r} is a {type(value).__name__}, not a number, string or list")
+    return value
+
+
+def _checked_state(value: Any) -> dict[str, Any]:
+    state = _object(value, "a layer's state")
+    for key in _STATE_INTS:
+        if key in state:
+            _count(state[key], f"state {key}")
+    if "density" in state and (
+        isinstance(state["density"], bool) or not isinstance(state["density"], (int, float))
+    ):
+        raise ValueError(f"state density must be a number, got {state['density']!r:.80}")
+    if "finalized" in state:
+        _flag(state["finalized"], "state finalized")
+    return state
+
+
+def _records(value: Any) -> tuple[LayerRecord, ...]:
+    if not isinstance(value, list) or len(value) > _MAX_LAYERS:
+        raise ValueError(f"layers must be a list of up to {_MAX_LAYERS:,} records")
+    records, seen = [], set()
+    for item in value:
+        if not isinstance(item, dict):
+            raise ValueError("a layer record is not an object")
+        names = item.get("names")
+        if not isinstance(names, list) or not names:
+            raise ValueError("a layer record has no names")
+        for name in map(_layer_name, names):
+            if name in seen:
+                raise ValueError(f"layer {name!r} is recorded twice")
+            seen.add(name)
+        config = _object(item.get("config"), "a layer's config")
+        records.append(
+            LayerRecord(
+                tuple(names),
+                _text(item.get("type"), "a layer's type", 100),
+                {key: _scalar_or_list(key, v) for key, v in config.items()},
+                _checked_state(item.get("state")),
+            )
+        )
+    return tuple(records)
+
+
+def _state_metadata(value: Any) -> dict[str, dict[str, Any]]:
+    metadata = _object(value, "state_metadata")
+    for key, entries in metadata.items():
+        if not isinstance(entries, dict) or not all(
+            isinstance(v, (int, float, str, bool)) for v in entries.values()
+        ):
+            raise ValueError(f"state_metadata entry {key!r:.80} is not an object of numbers and strings")
+    return metadata
 
 
 def layer_types() -> dict[str, type[nn.Module]]:
@@ -182,6 +335,10 @@ def _split_arch(arch: str) -> tuple[str, str]:
     return source, name
 
 
+class UntrustedBuilder(ValueError):
+    """The spec names a builder outside the trusted packages and the caller did not trust it."""
+
+
 def _builder(arch: str, trust_builder: bool) -> Callable[..., nn.Module]:
     source, name = _split_arch(arch)
     if source == "timm":
@@ -205,7 +362,7 @@ def _builder(arch: str, trust_builder: bool) -> Callable[..., nn.Module]:
         "trust_builder=True (CLI: --trust-builder) only if you trust the file, since it names code to run"
     )
     if not trust_builder and (package is None or "." in name or name.startswith("_")):
-        raise ValueError(untrusted)
+        raise UntrustedBuilder(untrusted)
     try:
         target: Any = importlib.import_module(source)
         for part in name.split("."):
@@ -213,7 +370,7 @@ def _builder(arch: str, trust_builder: bool) -> Callable[..., nn.Module]:
     except (ImportError, AttributeError):
         raise ValueError(f"cannot import builder {arch!r}; install the package that provides it") from None
     if not trust_builder and not str(getattr(target, "__module__", "")).startswith(f"{package}."):
-        raise ValueError(untrusted)  # a name the module merely imported from elsewhere
+        raise UntrustedBuilder(untrusted)  # a name the module merely imported from elsewhere
     if not callable(target):
         raise ValueError(f"builder {arch!r} is not callable; name a function that returns an nn.Module")
     return target
@@ -233,7 +390,16 @@ def build_arch(
             f"arch_kwargs ask {arch!r} to fetch other weights ({downloading[0]}={kwargs[downloading[0]]!r}); "
             "drop it, the weights come from the file"
         )
-    model = _builder(arch, trust_builder)(**kwargs)
+    builder = _builder(arch, trust_builder)
+    try:
+        model = builder(**kwargs)
+    except TooManyTensors:
+        raise
+    except _BUILD_ERRORS as error:
+        raise ValueError(
+            f"building {arch} with arch_kwargs {json.dumps(kwargs)[:200]} failed "
+            f"({type(error).__name__}: {_first_line(error)})"
+        ) from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"builder {arch!r} returned a {type(model).__name__}, not an nn.Module")
     return model
@@ -273,9 +439,11 @@ def _replace_layers(model: nn.Module, records: Sequence[LayerRecord], source: st
             )
         try:
             layer = cls.from_config(record.config)
-        except (TypeError, ValueError) as error:
+        except TooManyTensors:
+            raise
+        except _BUILD_ERRORS as error:
             raise ValueError(
-                f"{source} has a bad config for {record.names[0]!r} ({error}); re-save the model"
+                f"{source} has a bad config for {record.names[0]!r} ({_first_line(error)}); re-save the model"
             ) from None
         for name in record.names:
             if name == "":
@@ -284,6 +452,8 @@ def _replace_layers(model: nn.Module, records: Sequence[LayerRecord], source: st
             parent_name, _, child = name.rpartition(".")
             try:
                 parent = model.get_submodule(parent_name)
+                if child not in parent._modules:
+                    raise AttributeError(child)
             except AttributeError:
                 raise ValueError(
                     f"{source} names layer {name!r}, which the base architecture does not have; "
@@ -293,47 +463,163 @@ def _replace_layers(model: nn.Module, records: Sequence[LayerRecord], source: st
     return model
 
 
-def _difference(want: Mapping[str, Tensor], have: Mapping[str, Tensor]) -> str:
-    """'' when both state dicts have the same keys and shapes, else one example of what differs."""
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+Shapes = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def shapes_of(tensors: Mapping[str, Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of a state dict, the form :func:`check_fits` compares."""
+    return {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _difference(want: Shapes, have: Shapes) -> str:
+    """'' when both have the same names, shapes and compatible dtypes, else the first of each difference.
+
+    Floating tensors may be stored in another floating dtype (they are cast, as ``load_state_dict``
+    would); any other dtype must match exactly.
+    """
     missing = [k for k in want if k not in have]
     unexpected = [k for k in have if k not in want]
-    resized = [k for k in want if k in have and tuple(want[k].shape) != tuple(have[k].shape)]
+    resized = [k for k in want if k in have and tuple(want[k][0]) != tuple(have[k][0])]
+    retyped = [
+        k
+        for k in want
+        if k in have
+        and want[k][1] != have[k][1]
+        and not (want[k][1].is_floating_point and have[k][1].is_floating_point)
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing, e.g. {missing[0]!r}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]!r}")
+        problems.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0][:200]!r}")
     if resized:
         key = resized[0]
         problems.append(
-            f"{len(resized)} of another shape, e.g. {key!r} {tuple(have[key].shape)} "
-            f"instead of {tuple(want[key].shape)}"
+            f"{len(resized)} of another shape, e.g. {key!r} {tuple(have[key][0])} "
+            f"instead of {tuple(want[key][0])}"
+        )
+    if retyped:
+        key = retyped[0]
+        problems.append(
+            f"{len(retyped)} of another dtype, e.g. {key!r} {_dtype_name(have[key][1])} "
+            f"instead of {_dtype_name(want[key][1])}"
         )
     return "; ".join(problems)
 
 
-def load_weights(model: nn.Module, state: Mapping[str, Tensor], what: str) -> nn.Module:
-    """``load_state_dict(strict=True)`` with one clear line when the keys or shapes do not fit."""
-    difference = _difference(model.state_dict(), state)
+def check_fits(model: nn.Module, shapes: Shapes, what: str) -> None:
+    """Refuse, in one line naming the first difference, tensors that do not fit ``model``'s state dict."""
+    difference = _difference(shapes_of(model.state_dict()), shapes)
     if difference:
         raise ValueError(f"the weights do not fit {what} ({difference})")
-    model.load_state_dict(state, strict=True)
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: Tensor) -> None:
+    owner, _, attribute = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if attribute in module._parameters:
+        module._parameters[attribute] = tensor  # type: ignore[assignment]
+    else:
+        module._buffers[attribute] = tensor
+
+
+def assign_weights(
+    model: nn.Module,
+    tensors: Mapping[str, Tensor],
+    what: str,
+    metadata: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    allow_meta: bool = False,
+) -> nn.Module:
+    """Make ``tensors`` the model's parameters and buffers (no copy, no init), after :func:`check_fits`.
+
+    Floating tensors of another floating dtype are cast to the model's; tensors the model ties
+    (one tensor under several names) stay tied. Refuses a model left with tensors on the meta device
+    (a non-persistent buffer too large to have been computed while building) unless ``allow_meta``.
+    """
+    expected = model.state_dict(keep_vars=True)
+    check_fits(model, shapes_of(tensors), what)
+    state: OrderedDict[str, Tensor] = OrderedDict()
+    for key, target in expected.items():
+        tensor = tensors[key]
+        state[key] = tensor if tensor.dtype == target.dtype else tensor.to(target.dtype)
+    state._metadata = dict(metadata or {})  # type: ignore[attr-defined]
+    ties: dict[int, list[str]] = {}
+    for key, target in expected.items():
+        ties.setdefault(id(target), []).append(key)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except _BUILD_ERRORS as error:
+        raise ValueError(f"the weights do not load into {what} ({_first_line(error)})") from None
+    for names in ties.values():
+        if len(names) > 1:
+            first = model.state_dict(keep_vars=True)[names[0]]
+            for name in names[1:]:
+                _set_tensor(model, name, first)
+    left = meta_tensors(model)
+    if left and not allow_meta:
+        raise ValueError(_meta_left(what, left[0]))
     return model
 
 
-def _rebuild(spec: ModelSpec) -> nn.Module:
-    """The structure of ``spec`` without weights: on the meta device when the builder allows it."""
+def _meta_left(what: str, name: str) -> str:
+    return (
+        f"{what} computes {name!r} while building, a buffer too large for lgconv to compute before "
+        "checking the file (and not stored in it); build the model yourself and load_state_dict"
+    )
+
+
+def skeleton(
+    arch: str,
+    kwargs: Mapping[str, Any] | None,
+    *,
+    trust_builder: bool,
+    tensors: int,
+    layers: Sequence[LayerRecord] = (),
+    dtype: str | None = None,
+    source: str = "the spec",
+    thrifty: bool = False,
+) -> nn.Module:
+    """``arch`` built with ``layers`` in place, weights on the meta device (see ``lgconv.skeleton``).
+
+    ``tensors`` is how many tensors the file holds: a build making far more stops with a ValueError.
+    ``thrifty`` keeps large constant fills on meta too (see :class:`lgconv.skeleton.Skeleton`).
+    """
+    limit = 8 * tensors + 10_000
     try:
-        with torch.device("meta"):
-            base = build_arch(spec.arch, spec.arch_kwargs, trust_builder=True)
-    except (RuntimeError, NotImplementedError):  # some builders read tensor values while building
-        base = build_arch(spec.arch, spec.arch_kwargs, trust_builder=True)
-    return _replace_layers(base, spec.layers, "the spec")
+        with Skeleton(limit, thrifty=thrifty):
+            model = _replace_layers(build_arch(arch, kwargs, trust_builder=trust_builder), layers, source)
+            if dtype is not None:
+                model = model.to(getattr(torch, dtype))
+    except TooManyTensors:
+        raise ValueError(
+            f"{source}: {arch} with arch_kwargs {json.dumps(dict(kwargs or {}))[:200]} makes more than "
+            f"{limit:,} tensors while the file holds {tensors:,}; the arguments do not fit the file"
+        ) from None
+    return model
 
 
 def _structure_check(model: nn.Module, spec: ModelSpec) -> None:
     """Fail at save time, not at load time, when ``spec`` does not rebuild ``model``'s state dict."""
-    difference = _difference(model.state_dict(), _rebuild(spec).state_dict())
+    state = model.state_dict()
+    rebuilt = skeleton(
+        spec.arch,
+        spec.arch_kwargs,
+        trust_builder=True,
+        tensors=len(state),
+        layers=spec.layers,
+        dtype=spec.dtype,
+    )
+    difference = _difference(shapes_of(rebuilt.state_dict()), shapes_of(state))
     if difference:
         raise ValueError(
             f"{spec.arch} with arch_kwargs {spec.arch_kwargs} does not rebuild this {type(model).__name__} "
@@ -448,50 +734,73 @@ def save(
 
 
 def is_lgconv_file(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is a safetensors file carrying an lgconv spec."""
+    """True when ``path`` is a safetensors file carrying a well-formed lgconv spec (nothing is built)."""
     try:
-        return read_spec(path) is not None
+        return _read(_existing(path))[1] is not None
     except (ValueError, OSError):
         return False
 
 
-def safetensors_metadata(path: Path) -> dict[str, str] | None:
-    """The metadata of a safetensors file, None when the file is not safetensors at all."""
-    with open(path, "rb") as file:
-        head = file.read(8)
-        if len(head) < 8:
-            return None
-        length = int.from_bytes(head, "little")
-        if not 2 <= length <= _SAFETENSORS_MAX_HEADER or file.read(1) != b"{":
-            return None
-        try:
-            header = json.loads(b"{" + file.read(length - 1))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path} is a corrupt or truncated safetensors file; re-save it") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is a corrupt safetensors file (header is not an object); re-save it")
-    try:
-        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise ValueError(f"{path} is a corrupt safetensors file (bad tensor entry); re-save it") from None
-    if path.stat().st_size < 8 + length + end:
-        raise ValueError(f"{path} is a corrupt or truncated safetensors file (data cut short); re-save it")
-    return dict(header.get("__metadata__") or {})
+def safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str] | None:
+    """The metadata of a safetensors file (header validated), None when the file is not safetensors at all."""
+    header = safetensors_io.read_header(path)
+    return None if header is None else header.metadata
 
 
-def read_spec(path: str | os.PathLike[str]) -> ModelSpec | None:
-    """The spec of an lgconv file without loading weights; None for a safetensors file without one.
-
-    Raises ``ValueError`` for a file that is not safetensors at all.
-    """
-    file = _existing(path)
-    metadata = safetensors_metadata(file)
-    if metadata is None:
+def _read(file: Path) -> tuple[safetensors_io.Header, ModelSpec | None]:
+    """The validated header and parsed spec of ``file``; ValueError when it is not safetensors."""
+    header = safetensors_io.read_header(file)
+    if header is None:
         raise ValueError(
             f"{file} is not an lgconv model file (not safetensors); save models with lgconv.save"
         )
-    text = metadata.get(METADATA_KEY)
-    return None if text is None else ModelSpec.from_json(text, str(file))
+    text = header.metadata.get(METADATA_KEY)
+    return header, None if text is None else ModelSpec.from_json(text, str(file))
+
+
+def _checked_skeleton(
+    file: Path, header: safetensors_io.Header, spec: ModelSpec, trust_builder: bool, thrifty: bool = False
+) -> nn.Module:
+    """The spec's model as a skeleton, refused unless its state dict matches the header exactly.
+
+    A thrifty build that fails is retried as a plain skeleton (see :class:`lgconv.skeleton.Skeleton`).
+    """
+    options = dict(
+        trust_builder=trust_builder,
+        tensors=len(header.tensors),
+        layers=spec.layers,
+        dtype=spec.dtype,
+        source=str(file),
+    )
+    try:
+        model = skeleton(spec.arch, spec.arch_kwargs, thrifty=thrifty, **options)
+    except UntrustedBuilder:
+        raise
+    except ValueError:
+        if not thrifty:
+            raise
+        model = skeleton(spec.arch, spec.arch_kwargs, **options)
+    shapes = {name: (entry.shape, entry.dtype) for name, entry in header.tensors.items()}
+    check_fits(model, shapes, f"{spec.arch} as recorded in {file}")
+    return model
+
+
+def read_spec(path: str | os.PathLike[str], *, trust_builder: bool = False) -> ModelSpec | None:
+    """The spec of an lgconv file, checked against its header without reading any weights.
+
+    None for a safetensors file without a spec. The check builds the architecture as a skeleton
+    (nothing allocated for the weights) and compares its state dict with the header; a builder that
+    needs ``trust_builder=True`` and did not get it is not run, so such a spec is returned unchecked.
+    Raises ``ValueError`` for a file that is not safetensors, is corrupt, or does not fit its spec.
+    """
+    file = _existing(path)
+    header, spec = _read(file)
+    if spec is not None:
+        try:
+            _checked_skeleton(file, header, spec, trust_builder)
+        except UntrustedBuilder:
+            pass
+    return spec
 
 
 def _existing(path: str | os.PathLike[str]) -> Path:
@@ -504,42 +813,70 @@ def _existing(path: str | os.PathLike[str]) -> Path:
 
 
 def read_tensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """All tensors of a safetensors file, with one clear error when the file is corrupt or truncated."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """All tensors of a safetensors file (header validated first), read in one pass."""
     file = _existing(path)
-    try:
-        return load_file(file)
-    except (SafetensorError, RuntimeError, OSError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(
-            f"{file} is a corrupt or truncated safetensors file ({reason}); re-save it"
-        ) from None
+    header = safetensors_io.read_header(file)
+    if header is None:
+        raise ValueError(f"{file} is not a safetensors file; give a model file")
+    return safetensors_io.read_data(file, header)
 
 
-def load(path: str | os.PathLike[str], *, trust_builder: bool = False) -> nn.Module:
-    """Rebuild the model saved by :func:`save`: base architecture, lgconv layers, weights (strict).
+def _check_values(model: nn.Module, source: str) -> None:
+    """Refuse condensing state and gather indices outside their range (a forward would fail or misread)."""
+    known = tuple(layer_types().values())
+    for name, module in model.named_modules():
+        if not isinstance(module, known):
+            continue
+        where = name or "(model)"
+        if isinstance(module, LearnedGroupMixin):
+            inputs = module.weight.shape[1]
+            if not 0 <= int(module.stage) <= module.max_stage or not 1 <= int(module.kept_inputs) <= inputs:
+                raise ValueError(
+                    f"{source} gives {where!r} stage {int(module.stage)} of {module.max_stage} keeping "
+                    f"{int(module.kept_inputs)} of {inputs} inputs, which no condensing reaches; "
+                    "re-save the model"
+                )
+        for buffer, bound in (("index", "in_channels"), ("index", "in_features"), ("order", "out_channels")):
+            tensor, size = getattr(module, buffer, None), getattr(module, bound, None)
+            if isinstance(tensor, Tensor) and isinstance(size, int) and tensor.numel():
+                if int(tensor.min()) < 0 or int(tensor.max()) >= size:
+                    raise ValueError(
+                        f"{source} gives {where!r} a {buffer} outside 0..{size - 1}; re-save the model"
+                    )
 
-    Nothing is unpickled. A builder from a package outside ``TRUSTED_BUILDER_PACKAGES`` is called
-    only with ``trust_builder=True``. The model comes back in the train/eval mode it was saved in,
-    with ``default_input_size`` set when the file records it.
-    """
-    spec = read_spec(path)
+
+def load_with_spec(
+    path: str | os.PathLike[str], *, trust_builder: bool = False
+) -> tuple[nn.Module, ModelSpec]:
+    """:func:`load`, also returning the file's spec (read once)."""
+    file = _existing(path)
+    header, spec = _read(file)
     if spec is None:
         raise ValueError(
             f"{path} holds plain weights without an lgconv spec; build the model yourself and "
             "load_state_dict(safetensors.torch.load_file(path)), or pass --arch on the command line"
         )
-    tensors = read_tensors(path)
-    model = _replace_layers(
-        build_arch(spec.arch, spec.arch_kwargs, trust_builder=trust_builder), spec.layers, str(path)
-    )
-    if spec.dtype is not None:
-        model = model.to(getattr(torch, spec.dtype))
-    state = OrderedDict(tensors)
-    state._metadata = spec.state_metadata  # type: ignore[attr-defined]
-    load_weights(model, state, f"{spec.arch} as recorded in {path}")
+    what = f"{spec.arch} as recorded in {path}"
+    model = _checked_skeleton(file, header, spec, trust_builder, thrifty=True)
+    tensors = safetensors_io.read_data(file, header)
+    assign_weights(model, tensors, what, spec.state_metadata, allow_meta=True)
+    if meta_tensors(model):  # the thrifty build left a buffer uncomputed: build it in full
+        model = _checked_skeleton(file, header, spec, trust_builder)
+        assign_weights(model, tensors, what, spec.state_metadata)
+    _check_values(model, str(file))
     if spec.input_size is not None:
         model.default_input_size = spec.input_size
-    return model.train(spec.training)
+    return model.train(spec.training), spec
+
+
+def load(path: str | os.PathLike[str], *, trust_builder: bool = False) -> nn.Module:
+    """Rebuild the model saved by :func:`save`: checked against the file before allocating, then assigned.
+
+    The architecture and its lgconv layers are built as a skeleton (weights on the meta device), its
+    state-dict names, shapes and dtypes are compared with the file's header, and only then are the
+    weights read and made the model's tensors: no random init, nothing unpickled. A builder from a
+    package outside ``TRUSTED_BUILDER_PACKAGES`` is called only with ``trust_builder=True``. The
+    model comes back in the train/eval mode it was saved in, with ``default_input_size`` set when
+    the file records it.
+    """
+    return load_with_spec(path, trust_builder=trust_builder)[0]

@@ -3,6 +3,8 @@
 lgconv files (``lgconv.save``), TorchScript archives, ``torch.export`` programs (``.pt2``), plain
 state dicts (``torch.save`` or safetensors, with an architecture to build), and whole pickled
 modules, which load only when the caller trusts the file, because unpickling runs its code.
+Zip archives are checked (CRC of every member, declared sizes) before torch reads them, and state
+dicts are checked against the architecture's skeleton before any weight is assigned.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import pickle
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lgconv import model_file
-from lgconv.model_file import ModelSpec
+from lgconv import model_file, safetensors_io
+from lgconv.model_file import ModelSpec, Shapes
 
 LGCONV = "lgconv file"
 TORCHSCRIPT = "TorchScript archive"
@@ -30,6 +33,7 @@ PICKLED_MODULE = "pickled nn.Module"
 TORCH_SAVE = "torch.save file"
 
 _STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+_ZIP_SLACK_BYTES = 64 * 2**20  # uncompressed bytes an archive may declare beyond twice its size
 
 
 @dataclass
@@ -54,11 +58,7 @@ def sniff(path: str | os.PathLike[str]) -> str:
     if not head:
         raise ValueError(f"{file} is empty; the write that made it failed, save the model again")
     if head.startswith(b"PK\x03\x04"):
-        if not zipfile.is_zipfile(file):
-            raise ValueError(
-                f"{file} is a corrupt or truncated zip archive (torch.save / TorchScript / .pt2)"
-            )
-        names = zipfile.ZipFile(file).namelist()
+        names = _checked_zip(file)
         if any(n.endswith("/archive_format") for n in names):
             return EXPORTED
         if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
@@ -74,6 +74,31 @@ def sniff(path: str | os.PathLike[str]) -> str:
         f"{file} is not a model file lgconv reads; give an lgconv file (lgconv.save), a TorchScript "
         "archive, a torch.export .pt2, or a state dict with --arch"
     )
+
+
+def _checked_zip(file: Path) -> list[str]:
+    """Member names of a zip archive whose every member reads back intact (CRC) and is not a zip bomb."""
+    corrupt = f"{file} is a corrupt or truncated zip archive (torch.save / TorchScript / .pt2)"
+    try:
+        with zipfile.ZipFile(file) as archive:
+            members = archive.infolist()
+            declared = sum(member.file_size for member in members)
+            if declared > 2 * file.stat().st_size + _ZIP_SLACK_BYTES:
+                raise ValueError(
+                    f"{file} declares {declared:,} bytes uncompressed in a {file.stat().st_size:,}-byte "
+                    "archive; PyTorch never writes that, refusing to unpack it"
+                )
+            damaged = archive.testzip()
+            names = archive.namelist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError, RuntimeError):
+        raise ValueError(corrupt) from None
+    except ValueError as error:
+        if "refusing to unpack" in str(error):
+            raise
+        raise ValueError(corrupt) from None
+    if damaged is not None:
+        raise ValueError(f"{file} is a corrupt zip archive (member {damaged!r} fails its checksum)")
+    return names
 
 
 def _first_line(error: BaseException) -> str:
@@ -102,25 +127,28 @@ class _Arch:
     trust_builder: bool
 
 
-def _with_arch(state: dict[str, Tensor], path: Path, arch: _Arch) -> nn.Module:
+def _with_arch(shapes: Shapes, read: Callable[[], dict[str, Tensor]], path: Path, arch: _Arch) -> nn.Module:
+    """The model of ``arch`` holding a plain state dict: checked on its skeleton first, then assigned."""
     if arch.name is None:
         raise ValueError(
             f"{path} is a plain state dict, which does not say its architecture; pass --arch timm:NAME "
             "or --arch lgconv:PRESET (or save the model with lgconv.save)"
         )
-    kwargs = {**_num_classes_kwargs(arch.name, state), **arch.kwargs}
-    model = model_file.build_arch(arch.name, kwargs, trust_builder=arch.trust_builder)
-    if any(k.endswith(".mask") for k in state):
+    kwargs = {**_num_classes_kwargs(arch.name, shapes), **arch.kwargs}
+    what = f"{arch.name} {json.dumps(kwargs)}"
+    if any(k.endswith(".mask") for k in shapes):
         hint = " (it has lgconv masks: save such models with lgconv.save)"
     else:
         hint = "; --arch-kwargs '{\"num_classes\": N}' fits another head"
+    model = model_file.skeleton(arch.name, kwargs, trust_builder=arch.trust_builder, tensors=len(shapes))
     try:
-        return model_file.load_weights(model, state, f"{arch.name} {json.dumps(kwargs)}")
+        model_file.check_fits(model, shapes, what)
     except ValueError as error:
         raise ValueError(f"{error}{hint}") from None
+    return model_file.assign_weights(model, read(), what)
 
 
-def _num_classes_kwargs(arch: str, state: dict[str, Tensor]) -> dict[str, Any]:
+def _num_classes_kwargs(arch: str, shapes: Shapes) -> dict[str, Any]:
     """For timm models, the class count read off the classifier's bias so the head fits."""
     import timm
 
@@ -131,8 +159,8 @@ def _num_classes_kwargs(arch: str, state: dict[str, Tensor]) -> dict[str, Any]:
         probe = timm.create_model(arch.split(":", 1)[1], pretrained=False, num_classes=1)
     head = probe.get_classifier()
     bias_key = next((k for k, m in probe.named_modules() if m is head), None)
-    bias = state.get(f"{bias_key}.bias") if bias_key else None
-    return {"num_classes": int(bias.shape[0])} if bias is not None and bias.dim() == 1 else {}
+    bias = shapes.get(f"{bias_key}.bias") if bias_key else None
+    return {"num_classes": int(bias[0][0])} if bias is not None and len(bias[0]) == 1 else {}
 
 
 def _load_torch_save(path: Path, arch: _Arch, trust_pickle: bool) -> OpenedModel:
@@ -147,14 +175,14 @@ def _load_torch_save(path: Path, arch: _Arch, trust_pickle: bool) -> OpenedModel
                 "pass --trust-pickle only if you trust its source, or re-save it with lgconv.save"
             ) from None
         obj = _unpickle(path)
-    except (RuntimeError, EOFError, OSError) as error:
+    except Exception as error:  # a damaged archive or pickle can fail anywhere in torch.load
         raise ValueError(f"{path} is a corrupt or truncated torch.save file ({_first_line(error)})") from None
     if isinstance(obj, nn.Module):
         return OpenedModel(obj, PICKLED_MODULE)
     state = _as_state_dict(obj)
     if state is None:
         raise ValueError(f"{path} holds a {type(obj).__name__} without a state dict; give a model file")
-    return OpenedModel(_with_arch(state, path, arch), STATE_DICT)
+    return OpenedModel(_with_arch(model_file.shapes_of(state), lambda: state, path, arch), STATE_DICT)
 
 
 def _unpickle(path: Path) -> Any:
@@ -207,12 +235,15 @@ def open_model(
     build = _Arch(arch, dict(arch_kwargs or {}), trust_builder)
     kind = sniff(file)
     if kind == "safetensors":
-        spec = model_file.read_spec(file)
-        if spec is None:
-            return OpenedModel(_with_arch(model_file.read_tensors(file), file, build), STATE_DICT)
+        header = safetensors_io.read_header(file)
+        if header is not None and model_file.METADATA_KEY not in header.metadata:
+            shapes = {name: (entry.shape, entry.dtype) for name, entry in header.tensors.items()}
+            module = _with_arch(shapes, lambda: safetensors_io.read_data(file, header), file, build)
+            return OpenedModel(module, STATE_DICT)
         if arch is not None or arch_kwargs:
-            raise ValueError(f"{file} records its architecture ({spec.arch}); drop --arch / --arch-kwargs")
-        return OpenedModel(model_file.load(file, trust_builder=trust_builder), LGCONV, spec=spec)
+            raise ValueError(f"{file} records its architecture; drop --arch / --arch-kwargs")
+        module, spec = model_file.load_with_spec(file, trust_builder=trust_builder)
+        return OpenedModel(module, LGCONV, spec=spec)
     if (arch is not None or arch_kwargs) and kind != TORCH_SAVE:
         raise ValueError(f"--arch is for plain state dicts, and {file} is a {kind}; drop --arch")
     if kind == EXPORTED:

@@ -179,3 +179,15 @@ def test_accuracy_missing_data_and_unknown_arm_exit_2(tmp_path, fake_fashion_mni
     assert accuracy.main([*common, "--data-dir", str(fake_fashion_mnist), "--arms", "lgc_finetune"]) == 2
     assert "add --arms dense" in capsys.readouterr().err
     assert not (tmp_path / "a.json").exists()
+
+
+def test_load_time_smoke_times_every_form(tmp_path):
+    load_time = _script("load_time")
+    assert (
+        load_time.main(["--smoke", "--json", str(tmp_path / "t.json"), "--markdown", str(tmp_path / "t.md")])
+        == 0
+    )
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [row["form"] for row in rows] == list(load_time.FORMS)
+    assert all(row["timing"]["median_ms"] > 0 for row in rows)
+    assert "| condensified resnet18 | lgconv.load |" in (tmp_path / "t.md").read_text()

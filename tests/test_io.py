@@ -266,3 +266,193 @@ def test_module_versions_of_the_state_dict_survive(tmp_path: Path) -> None:
     )
     assert model_file.read_spec(path).state_metadata[""]["version"] == 2
     assert_same_outputs(model, lgconv.load(path), torch.randn(1, 3, 32, 32))
+
+
+class _LargeNonPersistentBuffer(nn.Module):
+    """A buffer the file does not hold, made from a constant fill larger than a thrifty build keeps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        table = torch.zeros(100_000)
+        table[::3] = 1.0
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.table[:4]
+
+
+def build_with_table() -> nn.Module:
+    return _LargeNonPersistentBuffer()
+
+
+def build_tied() -> nn.Module:
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    model[2].weight = model[0].weight
+    return model
+
+
+def test_loading_initialises_nothing_at_random(tmp_path: Path) -> None:
+    """A mode outside lgconv's skeleton sees the random fills the skeleton lets through: none."""
+    from torch.overrides import TorchFunctionMode
+
+    class RandomFills(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in ("uniform_", "normal_") and args and isinstance(args[0], nn.Parameter):
+                self.seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    model = timm_model(stage=1)
+    path = lgconv.save(model, tmp_path / "model.pt")
+    with RandomFills() as fills:
+        timm.create_model("resnet18")
+    assert fills.seen  # the probe sees a plain build's init
+    with RandomFills() as fills:
+        loaded = lgconv.load(path)
+    assert fills.seen == []
+    assert_same_outputs(model, loaded, torch.randn(1, 3, 32, 32))
+
+
+def test_non_persistent_buffers_are_computed_and_ties_kept(tmp_path: Path) -> None:
+    model = build_with_table()
+    path = lgconv.save(model, tmp_path / "table.pt", arch=build_with_table, input_size=(4,))
+    loaded = lgconv.load(path, trust_builder=True)
+    assert torch.equal(loaded.table, model.table) and not loaded.table.is_meta
+    assert_same_outputs(model, loaded, torch.randn(2, 4))
+    tied = build_tied()
+    loaded = lgconv.load(
+        lgconv.save(tied, tmp_path / "tied.pt", arch=build_tied, input_size=(6,)), trust_builder=True
+    )
+    assert loaded[0].weight is loaded[2].weight
+    assert_same_outputs(tied, loaded, torch.randn(2, 6))
+
+
+def _rewrite(path: Path, out: Path, edit) -> Path:
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    data = raw[8 + length :]
+    header, data = edit(header, data)
+    text = header if isinstance(header, str) else json.dumps(header)
+    out.write_bytes(len(text.encode()).to_bytes(8, "little") + text.encode() + data)
+    return out
+
+
+def test_hostile_headers_are_refused_before_any_data_is_read(tmp_path: Path) -> None:
+    path = lgconv.save(timm_model(stage=1), tmp_path / "model.pt")
+    bad = tmp_path / "bad.pt"
+
+    def entry(header: dict) -> str:
+        return next(k for k in header if k.endswith("conv1.weight"))
+
+    def overlap(header, data):
+        key = entry(header)
+        start, end = header[key]["data_offsets"]
+        header[key]["data_offsets"] = [start - 4, end - 4]
+        return header, data
+
+    def beyond(header, data):
+        key = entry(header)
+        header[key]["shape"] = [10**9, 10**9]
+        return header, data
+
+    def negative(header, data):
+        header[entry(header)]["shape"] = [-1, 3, 3, 3]
+        return header, data
+
+    def duplicate(header, data):
+        key = entry(header)
+        text = json.dumps(header)
+        return text[:-1] + f", {json.dumps(key)}: {json.dumps(header[key])}}}", data
+
+    cases = [
+        (overlap, "overlaps"),
+        (beyond, "needs"),
+        (negative, "is not a size"),
+        (duplicate, "duplicate key"),
+        (lambda h, d: (h, d + b"\0" * 8), "after the last tensor"),
+        (lambda h, d: ({**h, "__metadata__": {"lgconv": 3}}, d), "not an object of strings"),
+        (lambda h, d: ("[" * 5000 + "]" * 5000, d), "nested too deeply|not an lgconv"),
+        (lambda h, d: (json.dumps(h).replace("]", ", NaN]", 1), d), "not a JSON number"),
+    ]
+    for edit, message in cases:
+        with pytest.raises(ValueError, match=message):
+            lgconv.load(_rewrite(path, bad, edit))
+    bad.write_bytes((10**12).to_bytes(8, "little") + b"{" + b" " * 100)
+    with pytest.raises(ValueError, match="not an lgconv model file"):
+        lgconv.load(bad)
+    flipped = bytearray(path.read_bytes())
+    length = int.from_bytes(flipped[:8], "little")
+    header = json.loads(flipped[8 : 8 + length])
+    mask = next(v for k, v in header.items() if k.endswith(".mask"))
+    flipped[8 + length + mask["data_offsets"][0]] = 7
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="is not 0/1"):
+        lgconv.load(bad)
+
+
+def test_hostile_specs_are_refused_in_one_line(tmp_path: Path) -> None:
+    path = lgconv.save(timm_model(stage=1), tmp_path / "model.pt")
+    tensors = safetensors.torch.load_file(path)
+    spec = json.loads(model_file.safetensors_metadata(path)["lgconv"])
+    layer = spec["layers"][0]
+
+    def write(changed: dict | str) -> Path:
+        text = changed if isinstance(changed, str) else json.dumps(changed)
+        safetensors.torch.save_file(tensors, tmp_path / "edited.pt", metadata={"lgconv": text})
+        return tmp_path / "edited.pt"
+
+    wide = {**layer, "config": {**layer["config"], "in_channels": 400_000, "out_channels": 400_000}}
+    cases = [
+        ({**spec, "layers": [wide, *spec["layers"][1:]]}, "instead of \\(400000, 400000, 1, 1\\)"),
+        ({**spec, "arch_kwargs": {"num_classes": 3_000_000_000}}, "absurdly large"),
+        (
+            {**spec, "arch_kwargs": {"num_classes": 70_000}},
+            "'fc.weight' \\(7, 512\\) instead of \\(70000, 512\\)",
+        ),
+        ({**spec, "arch_kwargs": {"num_classes": -3}}, "building timm:resnet18 .* failed|do not fit"),
+        ({**spec, "arch_kwargs": {"num_classes": "seven"}}, "building timm:resnet18 .* failed"),
+        ({**spec, "layers": [layer, layer]}, "recorded twice"),
+        ({**spec, "layers": [{**layer, "names": ["fc.weight"]}]}, "does not have"),
+        ({**spec, "layers": [{**layer, "names": ["layer1.0.conv1.forward"]}]}, "does not have"),
+        ({**spec, "layers": [{**layer, "names": ["a..b"]}]}, "not a dotted module name"),
+        ({**spec, "layers": [{**layer, "config": {**layer["config"], "in_channels": 2.5}}]}, "bad config"),
+        (
+            {**spec, "layers": [{**layer, "config": {**layer["config"], "kernel_size": [-1, -1]}}]},
+            "bad config",
+        ),
+        ({**spec, "layers": [{**layer, "state": {"stage": "one"}}]}, "state stage"),
+        ({**spec, "input_size": [3, 100_000, 100_000]}, "absurdly large"),
+        ({**spec, "input_size": [3, 0, 32]}, "input_size"),
+        ({**spec, "version": True}, "version"),
+        ({**spec, "training": "yes"}, "training"),
+        ({**spec, "arch_kwargs": {"a": [[[[[[[[[[[[[[1]]]]]]]]]]]]]]}}, "nested deeper"),
+        (json.dumps(spec).replace('"training": false', '"training": false, "training": true'), "duplicate"),
+        ("x" * 5_000_000, "more than the"),
+    ]
+    for changed, message in cases:
+        with pytest.raises(ValueError, match=message) as caught:
+            lgconv.load(write(changed))
+        assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match="instead of \\(400000, 400000, 1, 1\\)"):
+        model_file.read_spec(write({**spec, "layers": [wide, *spec["layers"][1:]]}))
+
+
+def test_read_spec_does_not_run_an_untrusted_builder(tmp_path: Path) -> None:
+    model = lgconv.condensify(build_tiny(width=8), groups=2)
+    path = lgconv.save(
+        model, tmp_path / "tiny.pt", arch=build_tiny, arch_kwargs={"width": 8}, input_size=(3, 8, 8)
+    )
+    tensors = safetensors.torch.load_file(path)
+    spec = json.loads(model_file.safetensors_metadata(path)["lgconv"])
+    safetensors.torch.save_file(
+        tensors, tmp_path / "wide.pt", metadata={"lgconv": json.dumps({**spec, "arch_kwargs": {"width": 12}})}
+    )
+    assert model_file.read_spec(tmp_path / "wide.pt").arch_kwargs == {"width": 12}  # unchecked, not run
+    with pytest.raises(ValueError, match="do not fit"):
+        model_file.read_spec(tmp_path / "wide.pt", trust_builder=True)

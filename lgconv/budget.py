@@ -105,20 +105,38 @@ def check_allowed(values: Sequence[int] | None, argument: str) -> tuple[int, ...
     return tuple(sorted(set(values)))
 
 
+class ImportanceProfile:
+    """A layer's L1 importance per group, sorted once per group count, so every (G, C) is a lookup."""
+
+    def __init__(self, module: nn.Module, layout: str) -> None:
+        weight = module.weight.detach()
+        out_features, in_features = weight.shape[:2]
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        self.magnitude = weight.abs().reshape(out_features, in_features, -1).sum(-1, dtype=dtype)
+        self.layout = layout
+        self._sorted: dict[int, Tensor] = {}
+
+    def lost(self, groups: int, factor: int) -> float:
+        """Share of the importance dropped when every group keeps its in/C most important inputs."""
+        if groups not in self._sorted:
+            out_features, in_features = self.magnitude.shape
+            if self.layout == "contiguous":
+                by_group = self.magnitude.reshape(groups, out_features // groups, in_features).sum(1)
+            else:
+                by_group = self.magnitude.reshape(out_features // groups, groups, in_features).sum(0)
+            ranked = by_group.double().sort(dim=1, descending=True).values
+            self._sorted[groups] = ranked.cumsum(1).sum(0)
+        kept_sum = self._sorted[groups]
+        total = float(kept_sum[-1])
+        if not math.isfinite(total) or total <= 0:
+            return 1.0 - 1.0 / factor  # no usable weights: every choice drops its share of inputs
+        kept = float(kept_sum[kept_sum.numel() // factor - 1])
+        return max(0.0, 1.0 - kept / total)
+
+
 def importance_lost(module: nn.Module, groups: int, factor: int, layout: str) -> float:
     """Share of the layer's L1 importance dropped when every group keeps its in/C best inputs."""
-    weight = module.weight.detach()
-    out_features, in_features = weight.shape[:2]
-    magnitude = weight.abs().reshape(out_features, in_features, -1).sum(-1).double()
-    if layout == "contiguous":
-        by_group = magnitude.reshape(groups, out_features // groups, in_features).sum(1)
-    else:
-        by_group = magnitude.reshape(out_features // groups, groups, in_features).sum(0)
-    total = float(by_group.sum())
-    if not math.isfinite(total) or total <= 0:
-        return 1.0 - 1.0 / factor  # no usable weights: every choice drops its share of inputs
-    kept = float(by_group.topk(in_features // factor, dim=1).values.sum())
-    return max(0.0, 1.0 - kept / total)
+    return ImportanceProfile(module, layout).lost(groups, factor)
 
 
 def layer_params(module: nn.Module, factor: int) -> int:
@@ -136,6 +154,7 @@ def options_for(
 ) -> list[Option]:
     """Dense plus every allowed (G, C) whose channel counts divide (and are multiples of round_to)."""
     out_features, in_features = module.weight.shape[:2]
+    profile = ImportanceProfile(module, layout)
     options = [Option(None, 1, dense_flops, layer_params(module, 1), 0.0)]
     for factor in factors:
         if factor == 1 or in_features % factor or (in_features // factor) % round_to:
@@ -149,7 +168,7 @@ def options_for(
                     factor,
                     dense_flops * (in_features // factor) // in_features,
                     layer_params(module, factor),
-                    importance_lost(module, group, factor, layout),
+                    profile.lost(group, factor),
                 )
             )
     return options
@@ -174,8 +193,6 @@ def pinned_option(
             f"overrides[{pattern!r}] = {choice} does not fit {name} ({in_features}->{out_features}): "
             f"groups must divide {out_features} and condense_factor must divide {in_features}"
         )
-    if factor == 1:
-        return Option(None, 1, dense_flops, layer_params(module, 1), 0.0)
     return Option(
         group,
         factor,

@@ -9,7 +9,7 @@ sees with the kernels ``optimize_for_inference`` picks, then checked on the whol
 Accuracy proxy: the share of a layer's L1 importance (``sum |W[o, j]|`` over a group's outputs,
 as the layers' own ``importance()``) that the best assignment for (G, C) drops, i.e. each group
 keeping its ``in / C`` most important inputs. A greedy multiple-choice knapsack spends the budget
-where the most cost is saved per share of importance lost.
+where the most cost is saved per squared share lost (``Option.penalty``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ FLOP_TOLERANCE = 0.02  # FLOP and parameter targets are met within 2% below the 
 LATENCY_TOLERANCE = 0.10  # latency targets within 10%, measured on the whole optimised model
 _LATENCY_TRIALS = 4
 _MIN_SAMPLE_S = 2e-3
+_DP_UNITS = 20_000  # cost resolution of the single-target knapsack
 METRICS = ("flops", "params", "latency_ms")
 _NAMES = {"flops": "target_flops", "params": "target_params", "latency_ms": "target_latency_ms"}
 
@@ -53,6 +54,12 @@ class Option:
 
     def cost(self, metric: str) -> float:
         return float(getattr(self, metric))
+
+    @property
+    def penalty(self) -> float:
+        """What the search minimises: the squared share lost (a second-order loss model, as in
+        Optimal Brain Damage; squaring spreads a budget instead of emptying the biggest layers)."""
+        return self.lost**2
 
 
 @dataclass
@@ -175,9 +182,18 @@ def options_for(
 
 
 def pinned_option(
-    module: nn.Module, name: str, pattern: str, choice: tuple[int, int] | None, layout: str, dense_flops: int
+    module: nn.Module,
+    name: str,
+    pattern: str,
+    choice: tuple[int, int] | None,
+    layout: str,
+    dense_flops: int,
+    *,
+    proxy: bool = True,
 ) -> Option:
-    """The single option an override pins, or ``ValueError`` when its (G, C) cannot fit the layer."""
+    """The single option an override pins, or ``ValueError`` when its (G, C) cannot fit the layer.
+
+    ``proxy=False`` skips measuring the importance lost (a uniform plan without a budget)."""
     if choice is None:
         return Option(None, 1, dense_flops, layer_params(module, 1), 0.0)
     if (
@@ -198,7 +214,7 @@ def pinned_option(
         factor,
         dense_flops * (in_features // factor) // in_features,
         layer_params(module, factor),
-        importance_lost(module, group, factor, layout),
+        importance_lost(module, group, factor, layout) if proxy else 0.0,
     )
 
 
@@ -213,12 +229,48 @@ def _score(saved: dict[str, float], extra_loss: float) -> float:
 
 
 def search(candidates: Sequence[Candidate], fixed: Totals, targets: Mapping[str, float]) -> list[int]:
-    """Option index per candidate meeting every target, greedy by cost saved per importance lost.
+    """Option index per candidate meeting every target with the least total penalty, or ``[]``.
+
+    One target: an exact multiple-choice knapsack over costs in small units (rounded up, so the
+    target holds), then the slack the rounding left is filled. Several: a greedy (see _greedy).
+    """
+    if len(targets) != 1:
+        return _greedy(candidates, fixed, targets)
+    ((metric, target),) = targets.items()
+    room = target - fixed.get(metric)
+    if room < sum(min(o.cost(metric) for o in c.options) for c in candidates):
+        return []
+    unit = max(room, 1e-12) / _DP_UNITS
+    best = torch.full((_DP_UNITS + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    picks = []
+    for candidate in candidates:
+        stacked = torch.full((len(candidate.options), _DP_UNITS + 1), math.inf, dtype=torch.float64)
+        for j, option in enumerate(candidate.options):
+            width = min(math.ceil(option.cost(metric) / unit - 1e-9), _DP_UNITS + 1)
+            if width <= _DP_UNITS:
+                stacked[j, width:] = best[: _DP_UNITS + 1 - width] + option.penalty
+        best, pick = stacked.min(0)
+        picks.append(pick)
+    end = int(best.argmin())
+    if not math.isfinite(float(best[end])):
+        return []
+    choice = []
+    for candidate, pick in zip(reversed(candidates), reversed(picks)):
+        j = int(pick[end])
+        choice.append(j)
+        end -= min(math.ceil(candidate.options[j].cost(metric) / unit - 1e-9), end)
+    choice.reverse()
+    current = {metric: totals(fixed, candidates, choice).get(metric)}
+    return _fill(candidates, choice, current, targets)
+
+
+def _greedy(candidates: Sequence[Candidate], fixed: Totals, targets: Mapping[str, float]) -> list[int]:
+    """Option index per candidate meeting every target, greedy by cost saved per penalty added.
 
     Start from the least condensed options; repeatedly take the switch that saves the most unmet
-    cost (relative to its target) per share of importance lost, until every target is met; then
-    hand back, while every target stays met, the switches that lose the most importance (this
-    fills the slack the last big step left). Returns ``[]`` when no choice meets the targets.
+    cost (relative to its target) per penalty added, until every target is met; then fill the
+    slack the last big step left. Returns ``[]`` when no choice meets the targets.
     """
     choice = [0] * len(candidates)
     now = totals(fixed, candidates, choice)
@@ -235,7 +287,7 @@ def search(candidates: Sequence[Candidate], fixed: Totals, targets: Mapping[str,
                 }
                 if j == choice[i] or sum(saved.values()) <= 0:
                     continue
-                score = _score(saved, option.lost - here.lost)
+                score = _score(saved, option.penalty - here.penalty)
                 if best is None or score > best[0]:
                     best = (score, i, j)
         if best is None:
@@ -244,12 +296,22 @@ def search(candidates: Sequence[Candidate], fixed: Totals, targets: Mapping[str,
         for m in targets:
             current[m] += candidates[i].options[j].cost(m) - candidates[i].options[choice[i]].cost(m)
         choice[i] = j
-    while True:  # fill the slack: undo importance loss where the targets still hold
+    return _fill(candidates, choice, current, targets)
+
+
+def _fill(
+    candidates: Sequence[Candidate],
+    choice: list[int],
+    current: dict[str, float],
+    targets: Mapping[str, float],
+) -> list[int]:
+    """Hand back, while every target still holds, the switches that remove the most penalty."""
+    while True:
         best = None
         for i, candidate in enumerate(candidates):
             here = candidate.options[choice[i]]
             for j, option in enumerate(candidate.options):
-                gain = here.lost - option.lost
+                gain = here.penalty - option.penalty
                 if gain <= 0:
                     continue
                 if any(current[m] + option.cost(m) - here.cost(m) > targets[m] for m in targets):
@@ -411,8 +473,10 @@ def latency_search(
     fixed: Totals,
     targets: Mapping[str, float],
     example: Tensor,
-) -> tuple[list[int], float]:
-    """Search on the per-layer table, then correct it by whole-model trials; (choice, measured ms).
+) -> tuple[list[int], float, float]:
+    """Search on the per-layer table, then correct it by whole-model trials.
+
+    Returns the choice, its measured milliseconds and those of the model with every candidate dense.
 
     The table misses what layers share (memory format, cache, folded batch norms), so each trial
     rescales the latency the table must reach by measured / predicted and searches again; the
@@ -437,14 +501,17 @@ def latency_search(
             break
         measured = base if not any(choice) else measure_model(model, candidates, choice, example)
         tried.append((measured, choice))
-        if abs(measured - wanted) <= LATENCY_TOLERANCE * wanted:
+        if (1 - LATENCY_TOLERANCE) * wanted <= measured <= wanted:
             break
         predicted = totals(fixed, candidates, choice).latency_ms
         goal["latency_ms"] = max(wanted * predicted / measured, smallest)
     if not tried:
         raise ValueError(f"target_latency_ms={wanted:g} cannot be met together with the other targets")
-    measured, choice = min(
-        tried,
-        key=lambda t: (abs(t[0] - wanted) > LATENCY_TOLERANCE * wanted, t[0] > wanted, abs(t[0] - wanted)),
-    )
-    return choice, measured
+
+    def rank(trial: tuple[float, list[int]]) -> tuple[bool, bool, float]:
+        """Met within the tolerance first, then not over the target, then the closest."""
+        ms = trial[0]
+        return abs(ms - wanted) > LATENCY_TOLERANCE * wanted, ms > wanted, abs(ms - wanted)
+
+    measured, choice = min(tried, key=rank)
+    return choice, measured, base

@@ -34,7 +34,8 @@ class LayerDecision:
 
     ``groups`` / ``condense_factor`` are the layer's choice (a layer kept dense by a budget has
     factor 1); ``flops`` / ``params`` / ``latency_ms`` what it costs after finalize, when the plan
-    was made with an input (None otherwise).
+    was made with an input (None otherwise); ``importance_lost`` the share of the layer's L1 weight
+    importance the choice drops (the budget's accuracy proxy).
     """
 
     name: str
@@ -47,6 +48,7 @@ class LayerDecision:
     flops: int | None = None
     params: int | None = None
     latency_ms: float | None = None
+    importance_lost: float | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class CondensePlan:
                 "-" if d.condense_factor is None else str(d.condense_factor),
                 "-" if d.flops is None else _human(d.flops),
                 "-" if d.params is None else _human(d.params),
+                "-" if d.importance_lost is None else f"{d.importance_lost:.3f}",
             ]
             if self.latency_ms is not None:
                 row.append("-" if d.latency_ms is None else f"{d.latency_ms:.3f}")
@@ -98,7 +101,9 @@ class CondensePlan:
         """A fixed-width table: module, type, shape, decision, (G, C, costs,) reason; then a summary."""
         header = ["module", "type", "shape", "decision"]
         if self.flops is not None:
-            header += ["G", "C", "multiply-adds", "params"] + (["ms"] if self.latency_ms is not None else [])
+            header += ["G", "C", "multiply-adds", "params", "lost"] + (
+                ["ms"] if self.latency_ms is not None else []
+            )
         rows = [(*header, "reason")] + [self._row(d) for d in self.decisions]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
@@ -445,13 +450,13 @@ def plan(
                 notes[name] = _no_fit(module, factors, group_choices, round_to)
         else:
             uniform = budget.pinned_option(
-                module, name, "", (group_count, factor), own_layout, candidate.dense_flops
+                module, name, "", (group_count, factor), own_layout, candidate.dense_flops, proxy=False
             )
             candidate.options = [uniform]
             rounding = _rounding_reason(module, group_count, factor, round_to)
             if rounding:
                 candidate.options, notes[name] = (
-                    [budget.pinned_option(module, name, "", None, own_layout, 0)],
+                    [budget.pinned_option(module, name, "", None, own_layout, candidate.dense_flops)],
                     rounding,
                 )
         candidates.append(candidate)
@@ -485,10 +490,21 @@ def plan(
                 continue
             smallest = budget.cheapest(fixed, candidates, metric)
             if smallest > targets[metric]:
-                share = fixed.get(metric) / dense_of[metric]
+                stuck = {
+                    n: (r.split(":")[0].split(" (")[0], fixed_rows[n][1 if metric == "flops" else 3])
+                    for n, _, r in rows
+                    if r is not None
+                }
+                for c in candidates:
+                    if len(c.options) == 1:
+                        why = "pinned by overrides" if c.pinned else "no allowed factor fits"
+                        stuck[c.name] = (why, c.options[0].cost(metric))
+                other = fixed.get(metric) - sum(
+                    fixed_rows[n][1 if metric == "flops" else 3] for n in fixed_rows
+                )
+                stuck[""] = ("other operators", other)
                 limit = (
-                    f"{share:.0%} of it is in layers the budget cannot condense "
-                    f"({_limits(rows, fixed_rows, metric)}) and the rest at factor {max(factors)} at most; "
+                    f"{_limits(stuck, dense_of[metric])} and the rest at factor {max(factors)} at most; "
                     "allow larger factors (allowed_factors), kxk=True or linear=True, or give a larger target"
                 )
                 raise ValueError(
@@ -497,8 +513,9 @@ def plan(
                     )
                 )
         if "latency_ms" in targets:
-            choice, measured = budget.latency_search(model, candidates, fixed, targets, example_input)
-            dense_ms = budget.measure_model(model, candidates, [0] * len(candidates), example_input)
+            choice, measured, dense_ms = budget.latency_search(
+                model, candidates, fixed, targets, example_input
+            )
         else:
             choice = budget.search(candidates, fixed, targets)
             if not choice:
@@ -523,6 +540,8 @@ def plan(
                 why = "eligible"
             reason_text = why
             cost = dict(groups=option.groups, condense_factor=option.factor)
+            if has_budget or candidate.pinned is not None:
+                cost["importance_lost"] = option.lost
             if report is not None:
                 cost.update(flops=option.flops, params=option.params)
                 if measured is not None:
@@ -579,19 +598,16 @@ def _check_conflicts(
             )
 
 
-def _limits(
-    rows: Sequence[tuple[str, nn.Module, str | None]], fixed: Mapping[str, tuple], metric: str
-) -> str:
-    """The biggest fixed costs by reason, e.g. '16x kernel 3x3 1.85G, depthwise ...'."""
+def _limits(stuck: Mapping[str, tuple[str, float]], dense: float) -> str:
+    """Where the cost the budget cannot change is, by reason: '48% is in 16x kernel 3x3 1.85G, ...'."""
     by_reason: Counter[str] = Counter()
     counts: Counter[str] = Counter()
-    for name, _, reason in rows:
-        if reason is not None and name in fixed:
-            key = reason.split(":")[0].split(" (")[0]
-            by_reason[key] += fixed[name][1 if metric == "flops" else 3]
-            counts[key] += 1
-    top = [f"{counts[k]}x {k} {_human(v)}" for k, v in by_reason.most_common(3) if v]
-    return ", ".join(top) if top else "operators other than conv and linear layers"
+    for reason, cost in stuck.values():
+        by_reason[reason] += cost
+        counts[reason] += 1
+    top = ", ".join(f"{counts[k]}x {k} {_human(v)}" for k, v in by_reason.most_common(3) if v)
+    share = sum(by_reason.values()) / dense
+    return f"{share:.0%} of it is in layers the budget cannot change ({top or 'none'})"
 
 
 def _rounding_reason(module: nn.Module, groups: int, factor: int, round_to: int) -> str | None:

@@ -497,7 +497,7 @@ def plan(
                 }
                 for c in candidates:
                     if len(c.options) == 1:
-                        why = "pinned by overrides" if c.pinned else "no allowed factor fits"
+                        why = "pinned by overrides" if c.pinned else "with no allowed factor that fits"
                         stuck[c.name] = (why, c.options[0].cost(metric))
                 other = fixed.get(metric) - sum(
                     fixed_rows[n][1 if metric == "flops" else 3] for n in fixed_rows

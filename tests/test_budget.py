@@ -113,8 +113,6 @@ def _check_targets(name: str, targets: tuple[float, ...], size: tuple[int, ...])
             lgconv.models.create_model(name) if name.startswith("condensenet") else timm.create_model(name)
         )
         model = lgconv.condensify(model.eval(), target_flops=target, input_size=size)
-        factors = {m.condense_factor for m in model.modules() if isinstance(m, LearnedGroupMixin)}
-        assert len(factors) > 1  # mixed factors, not a uniform choice
         report = finalized_flops(model, size)
         assert abs(report.total / report.dense_total - target) <= 0.02 * target, (name, target)
 

@@ -38,7 +38,7 @@ _LATENCY_TRIALS = 4
 _MIN_SAMPLE_S = 2e-3
 _DP_UNITS = 20_000  # cost resolution of the single-target knapsack
 METRICS = ("flops", "params", "latency_ms")
-_NAMES = {"flops": "target_flops", "params": "target_params", "latency_ms": "target_latency_ms"}
+TARGET_NAMES = {"flops": "target_flops", "params": "target_params", "latency_ms": "target_latency_ms"}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
@@ -313,7 +314,7 @@ def _fixed_cost(module: nn.Module, report: FlopReport, name: str) -> tuple[int, 
 def _unreachable(metric: str, value: float, wanted: float, smallest: float, dense: float, limit: str) -> str:
     unit = "multiply-adds" if metric == "flops" else "parameters"
     return (
-        f"{budget._NAMES[metric]}={value:g} ({_human(wanted)} {unit}) is unreachable: the smallest "
+        f"{budget.TARGET_NAMES[metric]}={value:g} ({_human(wanted)} {unit}) is unreachable: the smallest "
         f"achievable is {_human(smallest)} ({smallest / dense:.3f} of {_human(dense)}); {limit}"
     )
 
@@ -384,7 +385,7 @@ def plan(
         ).get("input_size")
         hint = f" (the model declares {tuple(declared)})" if declared else ""
         raise ValueError(
-            f"{budget._NAMES[next(iter(requested))]} needs an input to count on: pass "
+            f"{budget.TARGET_NAMES[next(iter(requested))]} needs an input to count on: pass "
             f"input_size=(C, H, W){hint} or example_input=tensor"
         )
     group_count = 4 if groups is None else groups
@@ -485,33 +486,7 @@ def plan(
     choice = [len(c.options) - 1 if not has_budget else 0 for c in candidates]
     measured = dense_ms = None
     if has_budget:
-        for metric in ("flops", "params"):
-            if metric not in targets:
-                continue
-            smallest = budget.cheapest(fixed, candidates, metric)
-            if smallest > targets[metric]:
-                stuck = {
-                    n: (r.split(":")[0].split(" (")[0], fixed_rows[n][1 if metric == "flops" else 3])
-                    for n, _, r in rows
-                    if r is not None
-                }
-                for c in candidates:
-                    if len(c.options) == 1:
-                        why = "pinned by overrides" if c.pinned else "with no allowed factor that fits"
-                        stuck[c.name] = (why, c.options[0].cost(metric))
-                other = fixed.get(metric) - sum(
-                    fixed_rows[n][1 if metric == "flops" else 3] for n in fixed_rows
-                )
-                stuck[""] = ("other operators", other)
-                limit = (
-                    f"{_limits(stuck, dense_of[metric])} and the rest at factor {max(factors)} at most; "
-                    "allow larger factors (allowed_factors), kxk=True or linear=True, or give a larger target"
-                )
-                raise ValueError(
-                    _unreachable(
-                        metric, requested[metric], targets[metric], smallest, dense_of[metric], limit
-                    )
-                )
+        _check_reachable(requested, targets, dense_of, fixed, candidates, rows, fixed_rows, factors)
         if "latency_ms" in targets:
             choice, measured, dense_ms = budget.latency_search(
                 model, candidates, fixed, targets, example_input
@@ -523,41 +498,10 @@ def plan(
         achieved = budget.totals(fixed, candidates, choice)
         _check_conflicts(requested, targets, achieved, dense_of)
     by_name = {c.name: (c, i) for c, i in zip(candidates, choice)}
-    decisions = []
-    for name, module, reason in rows:
-        cost: dict[str, object] = {}
-        if name in by_name:
-            candidate, index = by_name[name]
-            option = candidate.options[index]
-            condense = option.groups is not None
-            if candidate.pinned is not None:
-                why = f"pinned by overrides[{candidate.pinned!r}]"
-            elif name in notes:
-                why = notes[name]
-            elif has_budget:
-                why = "chosen by the budget" if condense else "kept dense: the budget is met without it"
-            else:
-                why = "eligible"
-            reason_text = why
-            cost = dict(groups=option.groups, condense_factor=option.factor)
-            if has_budget or candidate.pinned is not None:
-                cost["importance_lost"] = option.lost
-            if report is not None:
-                cost.update(flops=option.flops, params=option.params)
-                if measured is not None:
-                    cost["latency_ms"] = option.latency_ms
-        else:
-            condense, reason_text = False, reason or "eligible"
-            if isinstance(module, LearnedGroupMixin):
-                cost = dict(groups=module.learned_groups, condense_factor=module.condense_factor)
-            elif isinstance(module, (CondensedConv2d, CondensedLinear)):
-                cost = dict(groups=module.groups)
-            if report is not None:
-                _, flops, _, params = fixed_rows[name]
-                cost.update(flops=flops, params=params)
-        decisions.append(
-            LayerDecision(name, type(module).__name__, _shape(module), condense, reason_text, **cost)
-        )
+    decisions = [
+        _decision(name, module, reason, by_name.get(name), notes, fixed_rows, has_budget, report is not None)
+        for name, module, reason in rows
+    ]
     totals = budget.totals(fixed, candidates, choice) if report is not None else None
     return CondensePlan(
         tuple(decisions),
@@ -574,8 +518,86 @@ def plan(
     )
 
 
+def _check_reachable(
+    requested: Mapping[str, float],
+    targets: Mapping[str, float],
+    dense: Mapping[str, float],
+    fixed: budget.Totals,
+    candidates: Sequence[budget.Candidate],
+    rows: Sequence[tuple[str, nn.Module, str | None]],
+    fixed_rows: Mapping[str, tuple[int, int, int, int]],
+    factors: Sequence[int],
+) -> None:
+    """``ValueError`` naming the smallest achievable cost, and where the rest is, for a target below it."""
+    for metric in ("flops", "params"):
+        if metric not in targets:
+            continue
+        smallest = budget.cheapest(fixed, candidates, metric)
+        if smallest <= targets[metric]:
+            continue
+        column = 1 if metric == "flops" else 3
+        stuck = {
+            n: (r.split(":")[0].split(" (")[0], fixed_rows[n][column]) for n, _, r in rows if r is not None
+        }
+        for c in candidates:
+            if len(c.options) == 1:
+                why = "pinned by overrides" if c.pinned else "with no allowed factor that fits"
+                stuck[c.name] = (why, c.options[0].cost(metric))
+        stuck[""] = ("other operators", fixed.get(metric) - sum(cost[column] for cost in fixed_rows.values()))
+        limit = (
+            f"{_limits(stuck, dense[metric])} and the rest at factor {max(factors)} at most; "
+            "allow larger factors (allowed_factors), kxk=True or linear=True, or give a larger target"
+        )
+        raise ValueError(
+            _unreachable(metric, requested[metric], targets[metric], smallest, dense[metric], limit)
+        )
+
+
+def _decision(
+    name: str,
+    module: nn.Module,
+    reason: str | None,
+    chosen: tuple[budget.Candidate, int] | None,
+    notes: Mapping[str, str],
+    fixed_rows: Mapping[str, tuple[int, int, int, int]],
+    has_budget: bool,
+    counted: bool,
+) -> LayerDecision:
+    """The plan's row for one layer: a candidate with its chosen option, or a layer left as it is."""
+    cost: dict[str, Any] = {}
+    if chosen is not None:
+        candidate, index = chosen
+        option = candidate.options[index]
+        condense = option.groups is not None
+        if candidate.pinned is not None:
+            why = f"pinned by overrides[{candidate.pinned!r}]"
+        elif name in notes:
+            why = notes[name]
+        elif has_budget:
+            why = "chosen by the budget" if condense else "kept dense: the budget is met without it"
+        else:
+            why = "eligible"
+        cost = dict(groups=option.groups, condense_factor=option.factor)
+        if has_budget or candidate.pinned is not None:
+            cost["importance_lost"] = option.lost
+        if counted:
+            cost.update(flops=option.flops, params=option.params)
+            if option.latency_ms:
+                cost["latency_ms"] = option.latency_ms
+    else:
+        condense, why = False, reason or "eligible"
+        if isinstance(module, LearnedGroupMixin):
+            cost = dict(groups=module.learned_groups, condense_factor=module.condense_factor)
+        elif isinstance(module, (CondensedConv2d, CondensedLinear)):
+            cost = dict(groups=module.groups)
+        if counted:
+            _, flops, _, params = fixed_rows[name]
+            cost.update(flops=flops, params=params)
+    return LayerDecision(name, type(module).__name__, _shape(module), condense, why, **cost)
+
+
 def _target_list(requested: Mapping[str, float]) -> str:
-    return " and ".join(f"{budget._NAMES[m]}={v:g}" for m, v in requested.items())
+    return " and ".join(f"{budget.TARGET_NAMES[m]}={v:g}" for m, v in requested.items())
 
 
 def _check_conflicts(
@@ -594,7 +616,7 @@ def _check_conflicts(
             where = f"{got / dense[metric]:.3f} of dense" if metric in dense else f"{got:.3g} ms"
             raise ValueError(
                 f"{_target_list(requested)} conflict: meeting the others leaves {metric} at {where}, "
-                f"{1 - got / wanted:.0%} under {budget._NAMES[metric]}; give one of them"
+                f"{1 - got / wanted:.0%} under {budget.TARGET_NAMES[metric]}; give one of them"
             )
 
 

@@ -36,6 +36,7 @@ FLOP_TOLERANCE = 0.02  # FLOP and parameter targets are met within 2% below the 
 LATENCY_TOLERANCE = 0.10  # latency targets within 10%, measured on the whole optimised model
 _LATENCY_TRIALS = 4
 _MIN_SAMPLE_S = 2e-3
+_WARMUP_ROUNDS = 3
 _DP_UNITS = 20_000  # cost resolution of the single-target knapsack
 METRICS = ("flops", "params", "latency_ms")
 TARGET_NAMES = {"flops": "target_flops", "params": "target_params", "latency_ms": "target_latency_ms"}
@@ -366,6 +367,9 @@ def _inference_form(module: nn.Module, option: Option, layout: str) -> nn.Module
 
 def _median_ms_each(calls: Sequence[Callable[[], object]], repeats: int) -> list[float]:
     """Median milliseconds per call of each function, timed in interleaved rounds."""
+    for _ in range(_WARMUP_ROUNDS):  # first calls of a fresh model build kernels and caches
+        for call in calls:
+            call()
     start = time.perf_counter()
     for call in calls:
         call()

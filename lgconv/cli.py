@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lgconv import model_file, model_formats
-from lgconv.condensify import condensify, plan
+from lgconv.condensify import apply_plan, plan
 from lgconv.finalize import finalize
 from lgconv.flops import CONVENTIONS, FlopReport, count_flops, default_input_size
 from lgconv.layers.learned_group import LAYOUTS, LearnedGroupMixin
@@ -203,11 +203,45 @@ def _condense_fully(model: nn.Module) -> nn.Module:
     return model
 
 
+def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a comma-separated list of integers, e.g. 1,2,4,8"
+        ) from None
+
+
+def _overrides(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> dict[str, tuple[int, int] | None] | None:
+    pins: dict[str, tuple[int, int] | None] = {}
+    for item in value:
+        pattern, _, choice = item.rpartition("=")
+        if not pattern:
+            raise click.BadParameter(f"{item!r} is not PATTERN=G,C or PATTERN=dense, e.g. 'layer4.*=4,4'")
+        if choice == "dense":
+            pins[pattern] = None
+            continue
+        try:
+            group, factor = (int(v) for v in choice.split(","))
+        except ValueError:
+            raise click.BadParameter(
+                f"{item!r} is not PATTERN=G,C or PATTERN=dense, e.g. 'layer4.*=4,4'"
+            ) from None
+        pins[pattern] = (group, factor)
+    return pins or None
+
+
 @main.command("plan", short_help="Condensify dry run on an architecture, with FLOPs before and after.")
 @click.option(
     "--arch", required=True, help="Architecture: timm:NAME, lgconv:PRESET or package.module:function."
 )
-@click.option("--groups", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option(
+    "--groups", type=click.IntRange(min=1), help="Groups of every layer (default 4; not with a target)."
+)
 @click.option("--condense-factor", type=click.IntRange(min=1), help="Default: the number of groups.")
 @click.option("--include", multiple=True, help="Glob on module names to condense (repeatable).")
 @click.option("--exclude", multiple=True, help="Glob on module names to leave dense (repeatable).")
@@ -215,11 +249,44 @@ def _condense_fully(model: nn.Module) -> nn.Module:
 @click.option("--linear", is_flag=True, help="Condense Linear layers too.")
 @click.option("--input-size", nargs=3, type=click.IntRange(min=1), help="Input C H W for the FLOP count.")
 @click.option("--convention", type=click.Choice(CONVENTIONS), default="fvcore", show_default=True)
+@click.option(
+    "--target-flops", type=float, help="Budget: fraction (0, 1] of the dense multiply-adds, or a count."
+)
+@click.option(
+    "--target-params", type=float, help="Budget: fraction (0, 1] of the dense parameters, or a count."
+)
+@click.option(
+    "--target-latency-ms", type=float, help="Budget: milliseconds per batch, measured on this machine."
+)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch for latency.")
+@click.option(
+    "--allowed-groups", callback=_int_list, help="Budget: groups to choose from, e.g. 1,2,4,8 (default G=C)."
+)
+@click.option(
+    "--allowed-factors", callback=_int_list, help="Budget: factors to choose from (default 1,2,4,8)."
+)
+@click.option(
+    "--override",
+    "overrides",
+    multiple=True,
+    callback=_overrides,
+    help="Pin layers: 'PATTERN=G,C' or 'PATTERN=dense' (repeatable).",
+)
+@click.option(
+    "--round-to",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Kept inputs and outputs per group multiples of N.",
+)
+@click.option(
+    "--kxk/--no-kxk", default=None, help="Condense ungrouped kxk convolutions too (default: with a target)."
+)
 @_ARCH_KWARGS
 @_TRUST_BUILDER
 def plan_command(
     arch: str,
-    groups: int,
+    groups: int | None,
     condense_factor: int | None,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
@@ -227,32 +294,61 @@ def plan_command(
     linear: bool,
     input_size: tuple[int, ...] | None,
     convention: str,
+    target_flops: float | None,
+    target_params: float | None,
+    target_latency_ms: float | None,
+    batch: int,
+    allowed_groups: tuple[int, ...] | None,
+    allowed_factors: tuple[int, ...] | None,
+    overrides: dict[str, tuple[int, int] | None] | None,
+    round_to: int,
+    kxk: bool | None,
     arch_kwargs: dict[str, Any] | None,
     trust_builder: bool,
 ) -> None:
     """Dry-run condensify on an architecture: what each layer becomes, FLOPs before and after.
 
-    Layers the architecture already has as learned group layers (lgconv presets) count as condensed.
+    Layers the architecture already has as learned group layers (lgconv presets) count as condensed;
+    with a target, those that have not started condensing are planned again.
 
     \b
     Examples:
       lgconv plan --arch timm:resnet50
       lgconv plan --arch timm:resnet50 --groups 8 --condense-factor 4 --exclude 'layer4.*'
       lgconv plan --arch lgconv:condensenet86 --convention paper
+      lgconv plan --arch timm:resnet50 --target-flops 0.5
+      lgconv plan --arch timm:resnet50 --target-latency-ms 40 --batch 8 --override 'layer4.*=dense'
     """
     model = model_file.build_arch(arch, arch_kwargs, trust_builder=trust_builder).eval()
-    options = dict(include=include or None, exclude=exclude or None, layout=layout, linear=linear)
-    decisions = plan(model, groups, condense_factor, **options)
+    declared = default_input_size(model)
+    targets = dict(
+        target_flops=target_flops, target_params=target_params, target_latency_ms=target_latency_ms
+    )
+    has_budget = any(v is not None for v in targets.values())
+    if has_budget and not (input_size or declared):
+        raise ValueError(f"a target needs an input size: {arch} declares none, pass --input-size C H W")
+    size = tuple(input_size or declared or DEFAULT_INPUT_SIZE)
+    source = "from --input-size" if input_size else "declared by the model" if declared else "default"
+    options: dict[str, Any] = dict(
+        include=include or None, exclude=exclude or None, layout=layout, linear=linear
+    )
+    budget_options: dict[str, Any] = dict(overrides=overrides, round_to=round_to, kxk=kxk)
+    if has_budget:
+        budget_options.update(targets, allowed_groups=allowed_groups, allowed_factors=allowed_factors)
+        if target_latency_ms is not None:
+            budget_options["example_input"] = torch.randn(batch, *size)
+        else:
+            budget_options["input_size"] = size
+    else:
+        budget_options.update(allowed_groups=allowed_groups, allowed_factors=allowed_factors)
+    decisions = plan(model, groups, condense_factor, **options, **budget_options)
     click.echo(decisions.table())
     condensed = copy.deepcopy(model)
-    if decisions.eligible:
-        condensed = condensify(condensed, groups, condense_factor, **options)
+    if decisions.eligible or has_budget:
+        condensed = apply_plan(condensed, decisions)
     if not any(isinstance(m, LearnedGroupMixin) for m in condensed.modules()):
         return
-    declared = default_input_size(model)
-    size = tuple(input_size or declared or DEFAULT_INPUT_SIZE)
     report = _count(_condense_fully(condensed), (1, *size), convention)
-    source = "from --input-size" if input_size else "declared by the model" if declared else "default"
     click.echo(
         f"FLOPs (multiply-adds, input 1x{'x'.join(map(str, size))} {source}, {report.convention} convention, "
         f"{report.counter}): {report.dense_total:,} before -> {report.total:,} after full condensing "

@@ -470,10 +470,22 @@ class Context:
         return model
 
 
-def _learned(context: Context, seed: int, recalibrate: bool, desc: str, **schedule: float) -> ArmResult:
-    """The lgc network trained from scratch; ``schedule``: scheduler options changed from the paper's."""
+def _learned(
+    context: Context, seed: int, recalibrate: bool, desc: str, budget: bool = False, **schedule: float
+) -> ArmResult:
+    """The lgc network trained from scratch; ``schedule``: scheduler options changed from the paper's.
+
+    ``budget``: its 1x1 layers' (G, C) re-chosen per layer by ``lgconv.condensify(target_flops=...)``
+    at the uniform network's finalized FLOPs (3x3 convs and classifier as in ``lgc``)."""
     torch.manual_seed(seed)
     model = learned_group_network(context.recipe)
+    factors: dict[str, list[int]] = {}
+    if budget:
+        model = lgconv.condensify(model, target_flops=context.lgc_flops, input_size=IMAGE_SIZE, kxk=False)
+        factors = {
+            name: [layer.learned_groups, layer.condense_factor]
+            for name, layer in lgconv.scheduler.learned_group_layers(model)
+        }
     training = train(
         model,
         context,
@@ -486,6 +498,8 @@ def _learned(context: Context, seed: int, recalibrate: bool, desc: str, **schedu
     )
     lgconv.finalize(model)
     extra: dict[str, Any] = dict(schedule)
+    if factors:
+        extra["groups_and_factors"] = factors
     if recalibrate:  # the finalized network's statistics, re-estimated once more
         extra["accuracy_before_final_recalibration"] = accuracy(model, context.data)
         lgconv.recalibrate_batch_norm(
@@ -599,6 +613,11 @@ def _finetune(context: Context, seed: int, lr: float, condense_end: float, name:
 @arm("lgc_bn_recal", "lgc with batch norm re-estimated after every condensing drop and after finalize")
 def run_lgc_bn_recal(context: Context, seed: int) -> ArmResult:
     return _learned(context, seed, recalibrate=True, desc=f"lgc_bn_recal seed {seed}")
+
+
+@arm("lgc_budget", "lgc's FLOPs, each 1x1 layer's (G, C) chosen by lgconv's FLOP budget, not G = C = 4")
+def run_lgc_budget(context: Context, seed: int) -> ArmResult:
+    return _learned(context, seed, recalibrate=False, desc=f"lgc_budget seed {seed}", budget=True)
 
 
 @arm("lgc_early_condense", "lgc with the last drop at 25% of training (paper: 50%): 3x more steps after it")

@@ -131,7 +131,14 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
     target = runs["lgc"]["flops"]
     assert runs["lgc"]["flops_target"] == target
     assert runs["dense"]["flops"] > 3 * target
-    for name in ("dense_equal_flops", "fixed_groups", "fixed_groups_shuffle", "lgc_finetune", "lgc_bn_recal"):
+    for name in (
+        "dense_equal_flops",
+        "fixed_groups",
+        "fixed_groups_shuffle",
+        "lgc_finetune",
+        "lgc_bn_recal",
+        "lgc_budget",
+    ):
         assert abs(runs[name]["flops"] / target - 1) <= 0.05, name
     assert 0.85 * target <= runs["channel_pruning"]["flops"] <= target
     assert runs["lgc_finetune"]["epochs"] * 2 <= runs["lgc"]["epochs"]

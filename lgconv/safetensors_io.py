@@ -2,8 +2,9 @@
 
 The header (8-byte little-endian length, then JSON) is parsed with caps on its size, nesting and
 item counts, and every tensor entry is checked (dtype, shape, offsets contiguous and inside the
-file) before a byte of tensor data is read. The data is then read straight into each tensor's own
-allocation, so loading costs the file's own size and nothing more.
+file) before a byte of tensor data is read. The data is then memory-mapped (copy on write): a
+tensor that starts at a multiple of ``ALIGNMENT`` in the file is a view of the mapping, any other is
+read into its own allocation, so loading costs the file's own size and nothing more.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import torch
 from torch import Tensor
 
 MAX_HEADER_BYTES = 100_000_000
+# Tensors at this alignment are used in place: what ``torch.empty`` gives, so kernels take the same
+# (bit-identical) paths as on a fresh model; at 8-byte alignment a condensed linear's outputs differ.
+ALIGNMENT = 64
 # Bounds on what a header may make the JSON parser build (Python objects cost ~50-150 bytes each).
 _MAX_CONTAINERS = 1_000_000
 _MAX_ITEMS = 4_000_000
@@ -209,6 +213,28 @@ def _check_layout(tensors: Mapping[str, TensorEntry], data_size: int) -> None:
         )
 
 
+def aligned(data: bytes) -> tuple[bytes, memoryview]:
+    """Serialized safetensors ``data`` as (length and header, tensor data), with the header padded.
+
+    The JSON header is followed by as many spaces (a multiple of 8, which the format allows) as put
+    the most tensor bytes at multiples of ``ALIGNMENT`` in the file, so that loading maps them in place.
+    """
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header.pop("__metadata__", None)
+    spans = [
+        (entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
+        for entry in header.values()
+    ]
+
+    def in_place(pad: int) -> int:
+        return sum(size for start, size in spans if (8 + length + pad + start) % ALIGNMENT == 0)
+
+    pad = max(range(-(8 + length) % 8, ALIGNMENT, 8), key=in_place)
+    head = (length + pad).to_bytes(8, "little") + data[8 : 8 + length] + b" " * pad
+    return head, memoryview(data)[8 + length :]
+
+
 def _fill(handle: Any, target: memoryview, offset: int) -> bool:
     """Read ``len(target)`` bytes at ``offset`` into ``target`` (a read may return less); False at EOF."""
     handle.seek(offset)
@@ -222,20 +248,32 @@ def _fill(handle: Any, target: memoryview, offset: int) -> bool:
 
 
 def read_data(path: str | os.PathLike[str], header: Header) -> dict[str, Tensor]:
-    """The tensors ``header`` declares, each read straight into its own (aligned) allocation.
+    """The tensors ``header`` declares: views of a private memory map where aligned, else read.
 
-    Unbuffered reads in file order: memory is the file's tensors and nothing more, and every
-    tensor is laid out as ``torch.empty`` lays it out, so kernels see what a fresh model has.
+    The file is mapped copy on write (writing to a tensor never changes the file; pages are read when
+    first used), and a tensor starting at a multiple of ``ALIGNMENT`` is a view of it; others are read
+    into their own ``torch.empty`` allocation. Either way kernels see the alignment a fresh model has,
+    and memory is the file's tensors and nothing more.
     """
+    size = header.data_start + header.data_size
+    if os.path.getsize(path) != size:
+        raise ValueError(f"{path} changed while loading; load it again")
+    mapped = torch.empty(0, dtype=torch.uint8)
+    if size:
+        mapped.set_(torch.UntypedStorage.from_file(os.fspath(path), shared=False, nbytes=size))
     tensors = {}
     with open(path, "rb", buffering=0) as handle:
         for name, entry in sorted(header.tensors.items(), key=lambda item: item[1].start):
-            tensor = torch.empty(entry.shape, dtype=entry.dtype)
-            if entry.end > entry.start:
+            start, end = header.data_start + entry.start, header.data_start + entry.end
+            if end > start and start % ALIGNMENT == 0:
+                tensor = mapped[start:end].view(entry.dtype).view(entry.shape)
+                raw = mapped[start:end].numpy()
+            else:
+                tensor = torch.empty(entry.shape, dtype=entry.dtype)
                 raw = tensor.reshape(-1).view(torch.uint8).numpy()
-                if not _fill(handle, memoryview(raw), header.data_start + entry.start):
+                if end > start and not _fill(handle, memoryview(raw), start):
                     raise ValueError(f"{path} is a corrupt or truncated safetensors file (data cut short)")
-                if entry.dtype == torch.bool and int(raw.max()) > 1:  # numpy's max: 30x torch's on uint8
-                    raise ValueError(f"{path} is a corrupt safetensors file (bool {name!r} is not 0/1)")
+            if entry.dtype == torch.bool and raw.size and int(raw.max()) > 1:  # numpy's max: 30x torch's
+                raise ValueError(f"{path} is a corrupt safetensors file (bool {name!r} is not 0/1)")
             tensors[name] = tensor
     return {name: tensors[name] for name in header.tensors}

@@ -5,7 +5,7 @@ builder ``package.module:function``, with its keyword arguments), every lgconv l
 name, type and constructor config, and the input size when known. Loading checks before it
 allocates: the header and spec are parsed with bounds, the model is built as a skeleton (large
 tensors on the meta device, see ``lgconv.skeleton``), its state-dict names, shapes and dtypes are
-compared with the header, and only then is the file's data read (once) and assigned to the model,
+compared with the header, and only then is the file's data mapped (once) and assigned to the model,
 so nothing is randomly initialised and nothing is pickled. See docs/security.md.
 """
 

@@ -269,7 +269,7 @@ def test_module_versions_of_the_state_dict_survive(tmp_path: Path) -> None:
 
 
 class _LargeNonPersistentBuffer(nn.Module):
-    """A buffer the file does not hold, made from a constant fill larger than a thrifty build keeps."""
+    """Buffers the file does not hold, a fill and a range, larger than a thrifty build keeps."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -277,9 +277,10 @@ class _LargeNonPersistentBuffer(nn.Module):
         table = torch.zeros(100_000)
         table[::3] = 1.0
         self.register_buffer("table", table, persistent=False)
+        self.register_buffer("positions", torch.arange(100_000) % 7, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.table[:4]
+        return self.linear(x) + self.table[:4] + self.positions[1:5]
 
 
 def build_with_table() -> nn.Module:
@@ -323,6 +324,7 @@ def test_non_persistent_buffers_are_computed_and_ties_kept(tmp_path: Path) -> No
     path = lgconv.save(model, tmp_path / "table.pt", arch=build_with_table, input_size=(4,))
     loaded = lgconv.load(path, trust_builder=True)
     assert torch.equal(loaded.table, model.table) and not loaded.table.is_meta
+    assert torch.equal(loaded.positions, model.positions) and not loaded.positions.is_meta
     assert_same_outputs(model, loaded, torch.randn(2, 4))
     tied = build_tied()
     loaded = lgconv.load(

@@ -213,26 +213,34 @@ def _check_layout(tensors: Mapping[str, TensorEntry], data_size: int) -> None:
         )
 
 
-def aligned(data: bytes) -> tuple[bytes, memoryview]:
-    """Serialized safetensors ``data`` as (length and header, tensor data), with the header padded.
+def aligned(data: bytes) -> list[bytes | memoryview]:
+    """Serialized safetensors ``data`` rewritten (as chunks to write) so that tensors start aligned.
 
-    The JSON header is followed by as many spaces (a multiple of 8, which the format allows) as put
-    the most tensor bytes at multiples of ``ALIGNMENT`` in the file, so that loading maps them in place.
+    Tensors whose size is a multiple of ``ALIGNMENT`` come first, then the others, largest first, and
+    the header is padded with spaces (which the format allows) to a multiple of ``ALIGNMENT``: so
+    nearly every byte of tensor data starts at a multiple of it and loading maps it in place.
     """
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + length])
-    header.pop("__metadata__", None)
-    spans = [
-        (entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
-        for entry in header.values()
-    ]
+    metadata = header.pop("__metadata__", None)
+    body = memoryview(data)[8 + length :]
 
-    def in_place(pad: int) -> int:
-        return sum(size for start, size in spans if (8 + length + pad + start) % ALIGNMENT == 0)
+    def size(name: str) -> int:
+        start, end = header[name]["data_offsets"]
+        return end - start
 
-    pad = max(range(-(8 + length) % 8, ALIGNMENT, 8), key=in_place)
-    head = (length + pad).to_bytes(8, "little") + data[8 : 8 + length] + b" " * pad
-    return head, memoryview(data)[8 + length :]
+    order = sorted(header, key=lambda name: (size(name) % ALIGNMENT != 0, -size(name), name))
+    layout: dict[str, Any] = {} if metadata is None else {"__metadata__": metadata}
+    chunks: list[bytes | memoryview] = []
+    position = 0
+    for name in order:
+        start, end = header[name]["data_offsets"]
+        layout[name] = {**header[name], "data_offsets": [position, position + end - start]}
+        chunks.append(body[start:end])
+        position += end - start
+    text = json.dumps(layout, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)
+    return [len(text).to_bytes(8, "little") + text, *chunks]
 
 
 def _fill(handle: Any, target: memoryview, offset: int) -> bool:

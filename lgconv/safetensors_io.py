@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -256,32 +257,32 @@ def _fill(handle: Any, target: memoryview, offset: int) -> bool:
 
 
 def read_data(path: str | os.PathLike[str], header: Header) -> dict[str, Tensor]:
-    """The tensors ``header`` declares: views of a private memory map where aligned, else read.
+    """The tensors ``header`` declares: in a private memory map where aligned, else read.
 
     The file is mapped copy on write (writing to a tensor never changes the file; pages are read when
-    first used), and a tensor starting at a multiple of ``ALIGNMENT`` is a view of it; others are read
-    into their own ``torch.empty`` allocation. Either way kernels see the alignment a fresh model has,
-    and memory is the file's tensors and nothing more.
+    first used), and a tensor starting at a multiple of ``ALIGNMENT`` is made over its bytes of the
+    map, with a storage of its own (so ``torch.save`` and ``deepcopy`` see separate tensors); others
+    are read into their own ``torch.empty`` allocation. Either way kernels see the alignment a fresh
+    model has, and memory is the file's tensors and nothing more.
     """
-    size = header.data_start + header.data_size
-    if os.path.getsize(path) != size:
-        raise ValueError(f"{path} changed while loading; load it again")
-    mapped = torch.empty(0, dtype=torch.uint8)
-    if size:
-        mapped.set_(torch.UntypedStorage.from_file(os.fspath(path), shared=False, nbytes=size))
     tensors = {}
     with open(path, "rb", buffering=0) as handle:
+        if os.fstat(handle.fileno()).st_size != header.data_start + header.data_size:
+            raise ValueError(f"{path} changed while loading; load it again")
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         for name, entry in sorted(header.tensors.items(), key=lambda item: item[1].start):
             start, end = header.data_start + entry.start, header.data_start + entry.end
             if end > start and start % ALIGNMENT == 0:
-                tensor = mapped[start:end].view(entry.dtype).view(entry.shape)
-                raw = mapped[start:end].numpy()
+                count = (end - start) // entry.dtype.itemsize
+                tensor = torch.frombuffer(mapped, dtype=entry.dtype, count=count, offset=start).view(
+                    entry.shape
+                )
             else:
                 tensor = torch.empty(entry.shape, dtype=entry.dtype)
-                raw = tensor.reshape(-1).view(torch.uint8).numpy()
-                if end > start and not _fill(handle, memoryview(raw), start):
+                raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                if end > start and not _fill(handle, raw, start):
                     raise ValueError(f"{path} is a corrupt or truncated safetensors file (data cut short)")
-            if entry.dtype == torch.bool and raw.size and int(raw.max()) > 1:  # numpy's max: 30x torch's
+            if entry.dtype == torch.bool and end > start and int(tensor.view(torch.uint8).numpy().max()) > 1:
                 raise ValueError(f"{path} is a corrupt safetensors file (bool {name!r} is not 0/1)")
             tensors[name] = tensor
     return {name: tensors[name] for name in header.tensors}

@@ -5,7 +5,7 @@ builder ``package.module:function``, with its keyword arguments), every lgconv l
 name, type and constructor config, and the input size when known. Loading checks before it
 allocates: the header and spec are parsed with bounds, the model is built as a skeleton (large
 tensors on the meta device, see ``lgconv.skeleton``), its state-dict names, shapes and dtypes are
-compared with the header, and only then is the file's data read (once) and assigned to the model,
+compared with the header, and only then is the file's data mapped (once) and assigned to the model,
 so nothing is randomly initialised and nothing is pickled. See docs/security.md.
 """
 
@@ -651,8 +651,8 @@ def _tensors(model: nn.Module) -> dict[str, Tensor]:
     return tensors
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, sync it, then rename it over ``path``."""
+def write_atomic(path: str | os.PathLike[str], data: bytes, *more: bytes | memoryview) -> Path:
+    """Write ``data`` and ``more`` to a temporary file beside ``path``, sync it, rename it over ``path``."""
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"{target} is a directory; give a file name to write the model to")
@@ -661,7 +661,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(handle, "wb") as file:
-            file.write(data)
+            for chunk in (data, *more):
+                file.write(chunk)
             file.flush()
             os.fsync(file.fileno())
         os.chmod(temporary, 0o644)
@@ -730,7 +731,7 @@ def save(
     )
     _structure_check(model, spec)
     data = serialize(_tensors(model), metadata={"format": "pt", METADATA_KEY: spec.to_json()})
-    return write_atomic(path, data)
+    return write_atomic(path, *safetensors_io.aligned(data))
 
 
 def is_lgconv_file(path: str | os.PathLike[str]) -> bool:

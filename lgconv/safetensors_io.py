@@ -2,14 +2,16 @@
 
 The header (8-byte little-endian length, then JSON) is parsed with caps on its size, nesting and
 item counts, and every tensor entry is checked (dtype, shape, offsets contiguous and inside the
-file) before a byte of tensor data is read. The data is then read straight into each tensor's own
-allocation, so loading costs the file's own size and nothing more.
+file) before a byte of tensor data is read. The data is then memory-mapped (copy on write): a
+tensor that starts at a multiple of ``ALIGNMENT`` in the file is a view of the mapping, any other is
+read into its own allocation, so loading costs the file's own size and nothing more.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +22,9 @@ import torch
 from torch import Tensor
 
 MAX_HEADER_BYTES = 100_000_000
+# Tensors at this alignment are used in place: what ``torch.empty`` gives, so kernels take the same
+# (bit-identical) paths as on a fresh model; at 8-byte alignment a condensed linear's outputs differ.
+ALIGNMENT = 64
 # Bounds on what a header may make the JSON parser build (Python objects cost ~50-150 bytes each).
 _MAX_CONTAINERS = 1_000_000
 _MAX_ITEMS = 4_000_000
@@ -209,6 +214,36 @@ def _check_layout(tensors: Mapping[str, TensorEntry], data_size: int) -> None:
         )
 
 
+def aligned(data: bytes) -> list[bytes | memoryview]:
+    """Serialized safetensors ``data`` rewritten (as chunks to write) so that tensors start aligned.
+
+    Tensors whose size is a multiple of ``ALIGNMENT`` come first, then the others, largest first, and
+    the header is padded with spaces (which the format allows) to a multiple of ``ALIGNMENT``: so
+    nearly every byte of tensor data starts at a multiple of it and loading maps it in place.
+    """
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    metadata = header.pop("__metadata__", None)
+    body = memoryview(data)[8 + length :]
+
+    def size(name: str) -> int:
+        start, end = header[name]["data_offsets"]
+        return end - start
+
+    order = sorted(header, key=lambda name: (size(name) % ALIGNMENT != 0, -size(name), name))
+    layout: dict[str, Any] = {} if metadata is None else {"__metadata__": metadata}
+    chunks: list[bytes | memoryview] = []
+    position = 0
+    for name in order:
+        start, end = header[name]["data_offsets"]
+        layout[name] = {**header[name], "data_offsets": [position, position + end - start]}
+        chunks.append(body[start:end])
+        position += end - start
+    text = json.dumps(layout, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)
+    return [len(text).to_bytes(8, "little") + text, *chunks]
+
+
 def _fill(handle: Any, target: memoryview, offset: int) -> bool:
     """Read ``len(target)`` bytes at ``offset`` into ``target`` (a read may return less); False at EOF."""
     handle.seek(offset)
@@ -222,20 +257,32 @@ def _fill(handle: Any, target: memoryview, offset: int) -> bool:
 
 
 def read_data(path: str | os.PathLike[str], header: Header) -> dict[str, Tensor]:
-    """The tensors ``header`` declares, each read straight into its own (aligned) allocation.
+    """The tensors ``header`` declares: in a private memory map where aligned, else read.
 
-    Unbuffered reads in file order: memory is the file's tensors and nothing more, and every
-    tensor is laid out as ``torch.empty`` lays it out, so kernels see what a fresh model has.
+    The file is mapped copy on write (writing to a tensor never changes the file; pages are read when
+    first used), and a tensor starting at a multiple of ``ALIGNMENT`` is made over its bytes of the
+    map, with a storage of its own (so ``torch.save`` and ``deepcopy`` see separate tensors); others
+    are read into their own ``torch.empty`` allocation. Either way kernels see the alignment a fresh
+    model has, and memory is the file's tensors and nothing more.
     """
     tensors = {}
     with open(path, "rb", buffering=0) as handle:
+        if os.fstat(handle.fileno()).st_size != header.data_start + header.data_size:
+            raise ValueError(f"{path} changed while loading; load it again")
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         for name, entry in sorted(header.tensors.items(), key=lambda item: item[1].start):
-            tensor = torch.empty(entry.shape, dtype=entry.dtype)
-            if entry.end > entry.start:
-                raw = tensor.reshape(-1).view(torch.uint8).numpy()
-                if not _fill(handle, memoryview(raw), header.data_start + entry.start):
+            start, end = header.data_start + entry.start, header.data_start + entry.end
+            if end > start and start % ALIGNMENT == 0:
+                count = (end - start) // entry.dtype.itemsize
+                tensor = torch.frombuffer(mapped, dtype=entry.dtype, count=count, offset=start).view(
+                    entry.shape
+                )
+            else:
+                tensor = torch.empty(entry.shape, dtype=entry.dtype)
+                raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                if end > start and not _fill(handle, raw, start):
                     raise ValueError(f"{path} is a corrupt or truncated safetensors file (data cut short)")
-                if entry.dtype == torch.bool and int(raw.max()) > 1:  # numpy's max: 30x torch's on uint8
-                    raise ValueError(f"{path} is a corrupt safetensors file (bool {name!r} is not 0/1)")
+            if entry.dtype == torch.bool and end > start and int(tensor.view(torch.uint8).numpy().max()) > 1:
+                raise ValueError(f"{path} is a corrupt safetensors file (bool {name!r} is not 0/1)")
             tensors[name] = tensor
     return {name: tensors[name] for name in header.tensors}

@@ -18,7 +18,7 @@ from helpers import TinyConvNet, condense_all, perturb_
 from torch import nn
 
 import lgconv
-from lgconv import model_file
+from lgconv import model_file, safetensors_io
 from lgconv.layers import CondensedConv2d, LearnedGroupConv
 from lgconv.layers.learned_group import LearnedGroupMixin
 
@@ -269,7 +269,7 @@ def test_module_versions_of_the_state_dict_survive(tmp_path: Path) -> None:
 
 
 class _LargeNonPersistentBuffer(nn.Module):
-    """A buffer the file does not hold, made from a constant fill larger than a thrifty build keeps."""
+    """Buffers the file does not hold, a fill and a range, larger than a thrifty build keeps."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -277,9 +277,10 @@ class _LargeNonPersistentBuffer(nn.Module):
         table = torch.zeros(100_000)
         table[::3] = 1.0
         self.register_buffer("table", table, persistent=False)
+        self.register_buffer("positions", torch.arange(100_000) % 7, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.table[:4]
+        return self.linear(x) + self.table[:4] + self.positions[1:5]
 
 
 def build_with_table() -> nn.Module:
@@ -323,6 +324,7 @@ def test_non_persistent_buffers_are_computed_and_ties_kept(tmp_path: Path) -> No
     path = lgconv.save(model, tmp_path / "table.pt", arch=build_with_table, input_size=(4,))
     loaded = lgconv.load(path, trust_builder=True)
     assert torch.equal(loaded.table, model.table) and not loaded.table.is_meta
+    assert torch.equal(loaded.positions, model.positions) and not loaded.positions.is_meta
     assert_same_outputs(model, loaded, torch.randn(2, 4))
     tied = build_tied()
     loaded = lgconv.load(
@@ -456,3 +458,42 @@ def test_read_spec_does_not_run_an_untrusted_builder(tmp_path: Path) -> None:
     assert model_file.read_spec(tmp_path / "wide.pt").arch_kwargs == {"width": 12}  # unchecked, not run
     with pytest.raises(ValueError, match="do not fit"):
         model_file.read_spec(tmp_path / "wide.pt", trust_builder=True)
+
+
+def test_saved_tensors_lie_aligned_and_load_in_place_copy_on_write(tmp_path: Path) -> None:
+    """lgconv.save pads the header so tensors start at 64-byte multiples; load maps them privately."""
+    model = timm_model(stage=1)
+    path = lgconv.save(model, tmp_path / "model.pt")
+    header = safetensors_io.read_header(path)
+    starts = {name: header.data_start + entry.start for name, entry in header.tensors.items()}
+    aligned = [
+        e.end - e.start for n, e in header.tensors.items() if starts[n] % safetensors_io.ALIGNMENT == 0
+    ]
+    assert sum(aligned) > 0.99 * header.data_size
+    plain = safetensors.torch.load_file(path)  # still a file safetensors reads
+    assert all(torch.equal(plain[name], tensor) for name, tensor in model.state_dict().items())
+    before = path.read_bytes()
+    loaded = lgconv.load(path)
+    assert all(p.data_ptr() % safetensors_io.ALIGNMENT == 0 for p in loaded.parameters())
+    with torch.no_grad():
+        for parameter in loaded.parameters():
+            parameter.add_(1.0)
+    assert path.read_bytes() == before  # writes to a loaded model never reach the file
+    torch.save(loaded.state_dict(), tmp_path / "state.pt")  # one storage per tensor, not one map
+    assert (tmp_path / "state.pt").stat().st_size < 1.1 * header.data_size
+
+
+def test_unaligned_files_are_read_into_aligned_tensors(tmp_path: Path) -> None:
+    """A file written without the padding: every tensor is still exact and 64-byte aligned."""
+    tensors = {
+        "a": torch.tensor(3),
+        "b": torch.randn(100, 33),
+        "c": torch.tensor([True, False]),
+        "d": torch.randn(7),
+    }
+    safetensors.torch.save_file(tensors, tmp_path / "plain.safetensors")
+    header = safetensors_io.read_header(tmp_path / "plain.safetensors")
+    assert any((header.data_start + e.start) % safetensors_io.ALIGNMENT for e in header.tensors.values())
+    read = safetensors_io.read_data(tmp_path / "plain.safetensors", header)
+    assert all(torch.equal(read[name], tensor) for name, tensor in tensors.items())
+    assert all(tensor.data_ptr() % safetensors_io.ALIGNMENT == 0 for tensor in read.values())

@@ -227,6 +227,21 @@ def _scalar_or_list(key: str, value: Any) -> Any:
     return value
 
 
+_GEOMETRY_MINIMUM = {"kernel_size": 1, "stride": 1, "dilation": 1, "padding": 0}
+
+
+def _checked_geometry(key: str, value: Any) -> Any:
+    """A conv window field is a whole number (or a list of them) at its minimum or above, or for
+    ``padding`` ``"same"`` / ``"valid"``: torch's constructors accept anything and only forward fails."""
+    minimum = _GEOMETRY_MINIMUM.get(key)
+    if minimum is None or (key == "padding" and value in ("same", "valid")):
+        return value
+    numbers = value if isinstance(value, list) and value else [value]
+    if not all(type(n) is int and n >= minimum for n in numbers):
+        raise ValueError(f"config value {key!r} is {value!r:.60}, not whole numbers >= {minimum}")
+    return value
+
+
 def _checked_state(value: Any) -> dict[str, Any]:
     state = _object(value, "a layer's state")
     for key in _STATE_INTS:
@@ -260,7 +275,7 @@ def _records(value: Any) -> tuple[LayerRecord, ...]:
             LayerRecord(
                 tuple(names),
                 _text(item.get("type"), "a layer's type", 100),
-                {key: _scalar_or_list(key, v) for key, v in config.items()},
+                {key: _checked_geometry(key, _scalar_or_list(key, v)) for key, v in config.items()},
                 _checked_state(item.get("state")),
             )
         )

@@ -426,7 +426,11 @@ def test_hostile_specs_are_refused_in_one_line(tmp_path: Path) -> None:
         ({**spec, "layers": [{**layer, "config": {**layer["config"], "in_channels": 2.5}}]}, "bad config"),
         (
             {**spec, "layers": [{**layer, "config": {**layer["config"], "kernel_size": [-1, -1]}}]},
-            "bad config",
+            "'kernel_size' is \\[-1, -1\\], not whole numbers >= 1",
+        ),
+        (  # torch's constructor accepts it and only the forward fails, in many lines: found by the fuzz suite
+            {**spec, "layers": [{**layer, "config": {**layer["config"], "padding": [None, None]}}]},
+            "'padding' is \\[None, None\\], not whole numbers >= 0",
         ),
         ({**spec, "layers": [{**layer, "state": {"stage": "one"}}]}, "state stage"),
         ({**spec, "input_size": [3, 100_000, 100_000]}, "absurdly large"),

@@ -321,7 +321,14 @@ OPEN_CRAFTED = textwrap.dedent(
     for command in (["flops", path], ["inspect", path], ["finalize", path, f"{folder}/o.pt"]):
         result = CliRunner().invoke(main, command)
         outcomes[f"{name} {command[0]}"] = [result.exit_code, result.stderr]
-    outcomes["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM is this process's own peak: ru_maxrss survives exec, so a child started by vfork from a
+    # 2 GB pytest process would report the parent's high-water mark.
+    try:
+        status = open("/proc/self/status").read()
+        peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    outcomes["max_rss_bytes"] = peak * 1024
     print(json.dumps(outcomes))
     """
 )

@@ -518,4 +518,10 @@ def latency_search(
         return abs(ms - wanted) > LATENCY_TOLERANCE * wanted, ms > wanted, abs(ms - wanted)
 
     measured, choice = min(tried, key=rank)
+    if measured > (1 + LATENCY_TOLERANCE) * wanted:
+        raise ValueError(
+            f"target_latency_ms={wanted:g} was not met: the closest of {len(tried)} measured trials took "
+            f"{measured:.3g} ms (dense model {base:.3g} ms; the per-layer table promised more than the whole "
+            "model gives); give a larger target or allow larger factors"
+        )
     return choice, measured, base

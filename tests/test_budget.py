@@ -246,6 +246,26 @@ def test_latency_search_corrects_the_table_by_whole_model_trials(monkeypatch):
     assert 0.9 * wanted <= plan.latency_ms <= wanted and plan.eligible
 
 
+def test_a_latency_target_the_trials_cannot_reach_is_refused_not_returned(monkeypatch):
+    """Fake clock: the table says 80 ms is reachable (about 71 at best), the whole model always takes 100."""
+    from lgconv import budget
+
+    model = pointwise_net()
+
+    def fake_layers(model, candidates, example, repeats=5):
+        for c in candidates:
+            c.options = [
+                budget.Option(o.groups, o.factor, o.flops, o.params, o.lost, o.flops / 1e4) for o in c.options
+            ]
+
+    monkeypatch.setattr(budget, "measure_layers", fake_layers)
+    monkeypatch.setattr(budget, "measure_model", lambda model, candidates, choice, example: 100.0)
+    with pytest.raises(
+        ValueError, match=r"target_latency_ms=80 was not met: the closest of \d measured trials"
+    ):
+        lgconv.plan(model, target_latency_ms=80, example_input=torch.randn(1, 1, 8, 8))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

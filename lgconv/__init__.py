@@ -7,9 +7,13 @@ from lgconv.finalize import finalize
 from lgconv.flops import FlopReport, count_flops
 from lgconv.inference import optimize_for_inference
 from lgconv.layers import (
+    CondensedConv1d,
     CondensedConv2d,
+    CondensedConv3d,
     CondensedLinear,
     LearnedGroupConv,
+    LearnedGroupConv1d,
+    LearnedGroupConv3d,
     LearnedGroupLinear,
 )
 from lgconv.model_file import load, save
@@ -20,12 +24,16 @@ __version__ = "0.1.0"
 __all__ = [
     "CondensationScheduler",
     "CondensePlan",
+    "CondensedConv1d",
     "CondensedConv2d",
+    "CondensedConv3d",
     "CondensedLinear",
     "ExportReport",
     "FlopReport",
     "LayerDecision",
     "LearnedGroupConv",
+    "LearnedGroupConv1d",
+    "LearnedGroupConv3d",
     "LearnedGroupLinear",
     "condensify",
     "copy_masks",

@@ -27,11 +27,13 @@ from torch import Tensor, nn
 from lgconv import module_tree
 from lgconv.finalize import finalize
 from lgconv.inference import optimize_for_inference
-from lgconv.layers import CondensedConv2d, CondensedLinear, LearnedGroupConv, LearnedGroupLinear
+from lgconv.layers import CondensedConv2d, CondensedLinear, LearnedGroupLinear
+from lgconv.layers.condensed_conv import CondensedConvNd, condensed_conv_type
 from lgconv.layers.learned_group import LearnedGroupMixin
+from lgconv.layers.learned_group_conv import learned_group_conv_type
 
 DEFAULT_FACTORS = (1, 2, 4, 8)
-_STOP = (LearnedGroupMixin, CondensedConv2d, CondensedLinear)
+_STOP = (LearnedGroupMixin, CondensedConvNd, CondensedLinear)
 FLOP_TOLERANCE = 0.02  # FLOP and parameter targets are met within 2% below the target
 LATENCY_TOLERANCE = 0.10  # latency targets within 10%, measured on the whole optimised model
 _LATENCY_TRIALS = 4
@@ -351,7 +353,7 @@ def build_layer(module: nn.Module, option: Option, layout: str) -> nn.Module:
         return module
     if isinstance(module, nn.Linear):
         return LearnedGroupLinear.from_linear(module, groups, factor, layout)
-    return LearnedGroupConv.from_conv(module, groups, factor, layout)
+    return learned_group_conv_type(module).from_conv(module, groups, factor, layout)
 
 
 def _inference_form(module: nn.Module, option: Option, layout: str) -> nn.Module:
@@ -361,8 +363,9 @@ def _inference_form(module: nn.Module, option: Option, layout: str) -> nn.Module
         return layer
     while not layer.fully_condensed:
         layer.condense()
-    kind = CondensedConv2d if isinstance(layer, LearnedGroupConv) else CondensedLinear
-    return kind.from_learned(layer)
+    if isinstance(layer, LearnedGroupLinear):
+        return CondensedLinear.from_learned(layer)
+    return condensed_conv_type(layer).from_learned(layer)
 
 
 def _median_ms_each(calls: Sequence[Callable[[], object]], repeats: int) -> list[float]:

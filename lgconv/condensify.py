@@ -21,10 +21,13 @@ from torch.nn.utils import parametrize
 
 from lgconv import budget, module_tree
 from lgconv.flops import FlopReport, _human, count_flops
-from lgconv.layers import CondensedConv2d, CondensedLinear
+from lgconv.layers import CondensedLinear
+from lgconv.layers.condensed_conv import CondensedConvNd
 from lgconv.layers.learned_group import Layout, LearnedGroupMixin, check_group_args
 
-_LGCONV_LAYERS = (LearnedGroupMixin, CondensedConv2d, CondensedLinear)
+_LGCONV_LAYERS = (LearnedGroupMixin, CondensedConvNd, CondensedLinear)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_POINTWISE = {1: "kernel-1", 2: "1x1", 3: "1x1x1"}
 Patterns = str | Sequence[str] | None
 Overrides = Mapping[str, "tuple[int, int] | None"] | None
 
@@ -155,7 +158,7 @@ def _as_patterns(patterns: Patterns, argument: str) -> tuple[str, ...]:
 
 
 def _shape(module: nn.Module) -> str:
-    conv = module.conv if isinstance(module, CondensedConv2d) else module
+    conv = module.conv if isinstance(module, CondensedConvNd) else module
     if isinstance(conv, _ConvNd):
         kernel = "x".join(str(k) for k in conv.kernel_size)
         return f"{module.in_channels}->{module.out_channels} {kernel}"
@@ -186,14 +189,17 @@ def _skip_reason(
         if isinstance(module, nn.Linear) and not linear:
             return "Linear layers are condensed only with linear=True"
         return _pattern_reason(name, include, exclude)
-    if isinstance(module, (CondensedConv2d, CondensedLinear)):
+    if isinstance(module, (CondensedConvNd, CondensedLinear)):
         return "already finalized"
     if parametrize.is_parametrized(module):
         return "has parametrizations (weight_norm, spectral_norm, ...) that condensing would drop"
     is_linear = isinstance(module, nn.Linear)
-    base = nn.Linear if is_linear else nn.Conv2d
-    if not isinstance(module, base):
-        return f"{type(module).__name__}: only Conv2d (and Linear with linear=True) can learn groups"
+    base = nn.Linear if is_linear else next((b for b in _CONVS if isinstance(module, b)), None)
+    if base is None:
+        return (
+            f"{type(module).__name__}: only Conv1d, Conv2d, Conv3d (and Linear with linear=True) "
+            "can learn groups"
+        )
     if type(module) is not base:
         own_forward = type(module).forward is not base.forward
         what = "with its own forward" if own_forward else "(only plain layers are replaced)"
@@ -204,9 +210,9 @@ def _skip_reason(
         if module.groups != 1:
             kind = "depthwise" if module.groups == module.in_channels else "grouped"
             return f"{kind} convolution (groups={module.groups}) is already sparse"
-        if tuple(module.kernel_size) != (1, 1) and not kxk:
+        if any(k != 1 for k in module.kernel_size) and not kxk:
             kernel = "x".join(str(k) for k in module.kernel_size)
-            return f"kernel {kernel}: only 1x1 convolutions are condensed"
+            return f"kernel {kernel}: only {_POINTWISE[len(module.kernel_size)]} convolutions are condensed"
     if not module.weight.is_floating_point():
         return f"weight dtype {module.weight.dtype} is not floating point"
     if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
@@ -303,7 +309,7 @@ def _fixed_cost(module: nn.Module, report: FlopReport, name: str) -> tuple[int, 
             params,
             budget.layer_params(module, module.condense_factor),
         )
-    if isinstance(module, (CondensedConv2d, CondensedLinear)):
+    if isinstance(module, (CondensedConvNd, CondensedLinear)):
         weight = module.weight.numel()
         inputs = getattr(module, "in_channels", getattr(module, "in_features", module.kept_inputs))
         dense_params = params + weight // module.kept_inputs * inputs - weight
@@ -588,7 +594,7 @@ def _decision(
         condense, why = False, reason or "eligible"
         if isinstance(module, LearnedGroupMixin):
             cost = dict(groups=module.learned_groups, condense_factor=module.condense_factor)
-        elif isinstance(module, (CondensedConv2d, CondensedLinear)):
+        elif isinstance(module, (CondensedConvNd, CondensedLinear)):
             cost = dict(groups=module.groups)
         if counted:
             _, flops, _, params = fixed_rows[name]
@@ -669,7 +675,9 @@ def condensify(
     round_to: int = 1,
     kxk: bool | None = None,
 ) -> nn.Module:
-    """Replace every eligible 1x1 ``Conv2d`` (and ``Linear`` if ``linear``) by its learned group form.
+    """Replace every eligible pointwise ``Conv1d`` / ``Conv2d`` / ``Conv3d`` (kernel 1, 1x1, 1x1x1; and
+    ``Linear`` if ``linear``) by its learned group form (``LearnedGroupConv1d`` / ``LearnedGroupConv``
+    / ``LearnedGroupConv3d``).
 
     Works in place and returns the model (a new module only when ``model`` itself was replaced).
     Layers already condensified are left alone, so calling it twice is safe. Raises ``ValueError``

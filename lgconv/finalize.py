@@ -5,8 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from lgconv import module_tree
-from lgconv.layers import CondensedConv2d, CondensedLinear, LearnedGroupConv, LearnedGroupLinear
+from lgconv.layers import CondensedLinear, LearnedGroupLinear
+from lgconv.layers.condensed_conv import condensed_conv_type
 from lgconv.layers.learned_group import LearnedGroupMixin
+from lgconv.layers.learned_group_conv import LearnedGroupConvNd
 
 _WRAPPERS = {
     "DistributedDataParallel": "lgconv.finalize(model.module)",
@@ -16,15 +18,17 @@ _WRAPPERS = {
 
 
 def _condensed(layer: LearnedGroupMixin) -> nn.Module:
-    if isinstance(layer, LearnedGroupConv):
-        return CondensedConv2d.from_learned(layer)
+    if isinstance(layer, LearnedGroupConvNd):
+        return condensed_conv_type(layer).from_learned(layer)
     if isinstance(layer, LearnedGroupLinear):
         return CondensedLinear.from_learned(layer)
     raise TypeError(f"no inference form is known for {type(layer).__name__}")
 
 
 def finalize(model: nn.Module, *, allow_partial: bool = False) -> nn.Module:
-    """Replace each ``LearnedGroupConv`` / ``LearnedGroupLinear`` by its exact inference layer.
+    """Replace each learned group layer by its exact inference layer: ``LearnedGroupConv1d`` /
+    ``LearnedGroupConv`` / ``LearnedGroupConv3d`` by ``CondensedConv1d`` / ``CondensedConv2d`` /
+    ``CondensedConv3d``, ``LearnedGroupLinear`` by ``CondensedLinear``.
 
     Works in place and returns the model. A layer that has not finished condensing raises
     ``ValueError`` unless ``allow_partial=True``, which finalizes it with the inputs it still keeps

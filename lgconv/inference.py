@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lgconv.layers import CondensedConv2d
+from lgconv.layers.condensed_conv import CondensedConvNd
 from lgconv.layers.conv_geometry import conv_geometry
 from lgconv.layers.fused_condensed_conv import (
     KERNELS,
@@ -365,7 +366,8 @@ def optimize_for_inference(
     leaves the batch norms alone. ``dense_grouped`` turns the model's other grouped convs (up to 8
     groups, e.g. CondenseNet's 3x3) into ``DenseGroupedConv2d``: always (True), never (False), or
     where timing on the example input says it is faster (None). Outputs equal the finalized model's
-    up to float rounding.
+    up to float rounding. ``CondensedConv1d`` / ``CondensedConv3d`` layers have no fused kernels:
+    they are left as they are (gather + grouped conv), and a model with only those is returned as is.
     """
     if kernel != "auto" and kernel not in KERNELS:
         raise ValueError(f"kernel must be 'auto' or one of {KERNELS}, got {kernel!r}")
@@ -377,6 +379,8 @@ def optimize_for_inference(
     if any(isinstance(m, LearnedGroupMixin) for m in model.modules()):
         raise ValueError("the model still has learned group layers; run lgconv.finalize(model) first")
     folded = fold_neighbours(model, fold)
+    if not folded and any(isinstance(m, CondensedConvNd) for m in model.modules()):
+        return model  # only CondensedConv1d / CondensedConv3d: no fused kernels, they serve as they are
     if not folded:
         raise ValueError(
             f"{type(model).__name__} has no CondensedConv2d to optimise; finalize a condensed model first"

@@ -31,7 +31,7 @@ def test_only_plain_1x1_ungrouped_divisible_convs_are_eligible():
         nn.Conv2d(8, 8, 3, padding=1),
         nn.Conv2d(8, 6, 1),
         nn.Conv2d(6, 8, 1),
-        nn.Conv1d(8, 8, 1),
+        nn.ConvTranspose2d(8, 8, 1),
         nn.Linear(8, 8),
     )
     result = decisions(model)
@@ -44,13 +44,34 @@ def test_only_plain_1x1_ungrouped_divisible_convs_are_eligible():
     assert result["6"] == (False, "kernel 3x3: only 1x1 convolutions are condensed")
     assert result["7"] == (False, "out channels 6 not divisible by groups 4")
     assert result["8"] == (False, "in channels 6 not divisible by condense_factor 4")
-    assert result["9"][0] is False and result["9"][1].startswith("Conv1d: only Conv2d")
+    assert result["9"][0] is False
+    assert result["9"][1].startswith("ConvTranspose2d: only Conv1d, Conv2d, Conv3d")
     assert result["10"] == (False, "Linear layers are condensed only with linear=True")
     lgconv.condensify(model)
     assert isinstance(model[0], LearnedGroupConv)
     assert [type(m) for m in model[1:]] == [
         StdConv2d, ScaledStdConv2d, Conv2dSame, nn.Conv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d,
-        nn.Conv1d, nn.Linear,
+        nn.ConvTranspose2d, nn.Linear,
+    ]  # fmt: skip
+
+
+def test_pointwise_conv1d_and_conv3d_learn_groups_and_their_kxk_ones_are_skipped_with_a_reason():
+    model = nn.Sequential(
+        nn.Conv1d(8, 8, 1),
+        nn.Conv1d(8, 8, 3, padding=1),
+        nn.Conv1d(8, 8, 1, groups=8),
+        nn.Conv3d(8, 8, 1, stride=2),
+        nn.Conv3d(8, 8, (1, 3, 3), padding=(0, 1, 1)),
+    )
+    result = decisions(model)
+    assert result["0"] == (True, "eligible")
+    assert result["1"] == (False, "kernel 3: only kernel-1 convolutions are condensed")
+    assert result["2"] == (False, "depthwise convolution (groups=8) is already sparse")
+    assert result["3"] == (True, "eligible")
+    assert result["4"] == (False, "kernel 1x3x3: only 1x1x1 convolutions are condensed")
+    lgconv.condensify(model)
+    assert [type(m).__name__ for m in model] == [
+        "LearnedGroupConv1d", "Conv1d", "Conv1d", "LearnedGroupConv3d", "Conv3d",
     ]  # fmt: skip
 
 

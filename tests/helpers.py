@@ -114,3 +114,44 @@ class TinyConvNet(nn.Module):
 def tiny_mlp(features: int = 16, hidden: int = 32, classes: int = 4) -> nn.Sequential:
     """Linear layers only: for ``condensify(..., linear=True)``."""
     return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes * 2))
+
+
+class SeparableBlock1d(nn.Module):
+    """A QuartzNet/Jasper-style block: (depthwise Conv1d -> pointwise Conv1d -> BN -> ReLU) x
+    repeats, with a pointwise + BN residual from the block input."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, repeats: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for repeat in range(repeats):
+            layers += [
+                nn.Conv1d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False),
+                nn.Conv1d(channels, out_channels, 1, bias=False),
+                nn.BatchNorm1d(out_channels),
+            ]
+            if repeat < repeats - 1:
+                layers.append(nn.ReLU())
+            channels = out_channels
+        self.body = nn.Sequential(*layers)
+        self.residual = nn.Sequential(
+            nn.Conv1d(in_channels, out_channels, 1, bias=False), nn.BatchNorm1d(out_channels)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.residual(x))
+
+
+def speech_net(features: int = 16, width: int = 32, classes: int = 4) -> nn.Sequential:
+    """A small separable-Conv1d speech network (QuartzNet-like) on (N, features, time) inputs: a
+    strided stem, two separable blocks and a pointwise head giving per-frame class scores."""
+    return nn.Sequential(
+        nn.Conv1d(features, width, 5, stride=2, padding=2, bias=False),
+        nn.BatchNorm1d(width),
+        nn.ReLU(),
+        SeparableBlock1d(width, width, 7),
+        SeparableBlock1d(width, 2 * width, 9),
+        nn.Conv1d(2 * width, 2 * width, 1),
+        nn.ReLU(),
+        nn.Conv1d(2 * width, classes, 1),
+    )

@@ -11,8 +11,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from lgconv import CondensedConv2d, LearnedGroupConv, finalize
+from lgconv import (
+    CondensedConv1d,
+    CondensedConv2d,
+    CondensedConv3d,
+    LearnedGroupConv,
+    LearnedGroupConv1d,
+    LearnedGroupConv3d,
+    finalize,
+)
 from lgconv.layers.learned_group import output_groups
+from lgconv.layers.learned_group_conv import LearnedGroupConvNd, learned_group_conv_type
 
 
 def make_conv(cfg, kernel=1, dtype=torch.float32, seed=0, **kwargs) -> LearnedGroupConv:
@@ -305,3 +314,69 @@ def test_a_masked_model_can_be_scripted_traced_and_exported():
     assert torch.equal(torch.jit.script(model)(x), expected)
     assert torch.equal(torch.jit.trace(model, x)(x), expected)
     assert torch.equal(torch.export.export(model, (x,)).module()(x), expected)
+
+
+NDIM = {
+    1: (LearnedGroupConv1d, CondensedConv1d, nn.Conv1d),
+    3: (LearnedGroupConv3d, CondensedConv3d, nn.Conv3d),
+}
+
+
+@given(
+    cfg=group_configs(max_groups=4, max_factor=4, max_mult=3),
+    dims=st.sampled_from([1, 3]),
+    stride=st.sampled_from([1, 2]),
+    padding=st.sampled_from([0, 1]),
+    bias=st.booleans(),
+    size=st.integers(1, 5),
+    batch=st.integers(1, 3),
+    stage=st.integers(0, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_conv1d_and_conv3d_finalize_equals_masked(cfg, dims, stride, padding, bias, size, batch, stage, seed):
+    learned, condensed, _ = NDIM[dims]
+    torch.manual_seed(seed)
+    layer = learned(
+        cfg.in_channels,
+        cfg.out_channels,
+        learned_groups=cfg.groups,
+        condense_factor=cfg.condense_factor,
+        layout=cfg.layout,
+        stride=stride,
+        padding=padding,
+        bias=bias,
+    )
+    assert layer.mask.shape == (cfg.out_channels, cfg.in_channels) + (1,) * dims
+    for _ in range(min(stage, layer.max_stage)):
+        with torch.no_grad():
+            layer.weight.add_(torch.randn_like(layer.weight) * 0.05)
+        layer.condense()
+    x = torch.randn(batch, cfg.in_channels, *([size] * dims))
+    final = assert_finalize_exact(layer, x)
+    assert type(final) is condensed
+    kept = cfg.in_channels - min(stage, layer.max_stage) * (cfg.in_channels // cfg.condense_factor)
+    assert final.conv.weight.shape == (cfg.out_channels, kept) + (1,) * dims
+    assert final.conv.groups == cfg.groups
+    assert condensed.from_config(final.config()).conv.weight.shape == final.conv.weight.shape
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_from_conv_compute_the_wrapped_conv_and_share_parameters(dims):
+    learned, _, conv_type = NDIM[dims]
+    conv = conv_type(8, 12, 1, stride=2)
+    layer = learned.from_conv(conv, learned_groups=4)
+    x = torch.randn(2, 8, *([5] * dims))
+    assert torch.equal(layer(x), conv(x))
+    assert layer.weight is conv.weight and layer.bias is conv.bias
+    assert isinstance(layer, LearnedGroupConvNd) and isinstance(layer, conv_type)
+    assert learned_group_conv_type(conv) is learned
+    copy_ = learned.from_config(layer.config())
+    copy_.load_state_dict(condense_to(layer, 1).state_dict())
+    assert torch.equal(copy_(x), layer(x))
+
+
+def test_from_conv_refuses_a_conv_of_another_dimension():
+    with pytest.raises(TypeError, match=r"LearnedGroupConv1d.from_conv needs an nn.Conv1d, got Conv2d"):
+        LearnedGroupConv1d.from_conv(nn.Conv2d(4, 4, 1))
+    with pytest.raises(TypeError, match="no learned group form for ConvTranspose1d"):
+        learned_group_conv_type(nn.ConvTranspose1d(4, 4, 1))

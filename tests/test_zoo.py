@@ -160,7 +160,10 @@ def test_zoo_sweep_smoke_mode_writes_the_coverage_page(sweep: Any, tmp_path: Pat
     assert records["timm:test_vit"]["status"] == "no eligible layer"
     page = out.read_text()
     assert "| timm:test_resnet |" in page
-    assert "| all | 4 | 3 | 0 | 1 | 0 | 0 | 3/3 (100.0%) |" in page
+    assert "| all | 7 | 6 | 0 | 1 | 0 | 0 | 6/6 (100.0%) |" in page
+    assert records["timm-features:test_resnet"]["outputs"] > 1  # a list of feature maps, all compared
+    assert records["torchvision-video:r3d_18"]["dims"] == [3]  # its 1x1x1 Conv3d layers were condensed
+    assert records["torchvision-video:r3d_18"]["input"] == "4x64x64"
     # A second run resumes from the cache: nothing is surveyed or checked again.
     before = cache.read_text()
     again = CliRunner().invoke(sweep.main, arguments)

@@ -91,7 +91,8 @@ def _timm_build(name: str, **kwargs: Any) -> nn.Module:
 
 def _timm_feature_names() -> list[str]:
     """Per timm module, its smallest model that passed the classification sweep (from coverage.json),
-    so every architecture family is checked as a backbone once, at the cost of its smallest member."""
+    so every architecture family is checked as a backbone at the cost of its smallest member; where
+    that is one of timm's ``test_*`` models, the smallest real one too."""
     import timm
 
     records = {}
@@ -102,9 +103,11 @@ def _timm_feature_names() -> list[str]:
         members = [
             n for n in timm.list_models(module=module) if records.get(f"timm:{n}", {}).get("status") == "pass"
         ]
-        if members:
-            names.append(min(members, key=lambda n: (records[f"timm:{n}"].get("params", 0), n)))
-    return sorted(names)
+        real = [n for n in members if not n.startswith("test_")]
+        for group in {tuple(members), tuple(real)}:
+            if group:
+                names.append(min(group, key=lambda n: (records[f"timm:{n}"].get("params", 0), n)))
+    return sorted(set(names))
 
 
 # torchvision

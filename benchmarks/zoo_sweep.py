@@ -582,6 +582,11 @@ def select(names: list[str], pattern: str | None, shard: str | None, limit: int 
 @click.option("--report-only", is_flag=True, help="Only write the report from the cache.")
 @click.option("--retry-failed", is_flag=True, help="Check again only the models the cache records as failed.")
 @click.option(
+    "--budget-minutes",
+    type=float,
+    help="Stop checking after this long; the models left are recorded as skipped, surveyed only.",
+)
+@click.option(
     "--resurvey",
     is_flag=True,
     help="Refresh the meta-device survey (reasons, blocked layers) of cached models.",
@@ -604,6 +609,7 @@ def main(
     report_only: bool,
     retry_failed: bool,
     resurvey: bool,
+    budget_minutes: float | None,
 ) -> None:
     """Check every zoo model through condensify -> train -> finalize and write the coverage page."""
     torch.set_num_threads(1)
@@ -646,9 +652,18 @@ def main(
         # Smallest first, so a run cut short has covered as many models as it could.
         checks = sorted(surveys, key=lambda k: surveys[k].get("params", 0))
         progress = tqdm(checks, desc="check", unit="model", file=sys.stderr)
+        stop_at = time.monotonic() + budget_minutes * 60 if budget_minutes else math.inf
         for key in progress:
             progress.set_postfix_str(key)
-            record = check(key, settings, surveys[key])
+            if time.monotonic() > stop_at:
+                record = {
+                    **surveys[key],
+                    "status": "skipped",
+                    "reason": f"surveyed on the meta device only ({surveys[key].get('eligible')} eligible "
+                    f"layers): not checked within the run's {budget_minutes:g}-minute budget",
+                }
+            else:
+                record = check(key, settings, surveys[key])
             records[key] = record
             append(cache, record)
             if record["status"] == "fail":

@@ -88,12 +88,20 @@ def test_a_separable_conv1d_speech_net_trains_condenses_and_finalizes_exactly(tm
         assert torch.equal(served(test_x), finalized)
 
 
-def test_r3d_18_on_a_tiny_clip_condenses_its_1x1x1_convs_and_finalizes_as_planned():
+def test_r3d_18_on_a_tiny_clip_condenses_its_1x1x1_convs_and_finalizes_as_planned(tmp_path):
     model = torchvision.models.video.r3d_18(num_classes=5)
     clip = torch.randn(2, 3, 4, 32, 32)
     result = run_lifecycle(model, clip)
     assert len(result["eligible"]) == 3  # the 1x1x1 downsample projections
     assert_finalized_as_planned(result, clip, lgconv.CondensedConv3d)
+    path = lgconv.save(
+        result["model"],
+        tmp_path / "r3d.lgc",
+        arch=torchvision.models.video.r3d_18,
+        arch_kwargs={"num_classes": 5},
+    )
+    with torch.no_grad():
+        assert torch.equal(lgconv.load(path).eval()(clip), result["finalized"])
 
 
 class Video3d(nn.Module):

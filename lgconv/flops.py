@@ -428,6 +428,16 @@ class FlopReport:
         }
 
 
+def _tensor_shapes(value: Any) -> tuple[tuple[int, ...], ...]:
+    """Shapes of every tensor in the inputs, nested lists / tuples / dicts too (a detector's images)."""
+    if isinstance(value, Tensor):
+        return (tuple(value.shape),)
+    items = (
+        value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+    )
+    return tuple(shape for item in items for shape in _tensor_shapes(item))
+
+
 def default_input_size(model: nn.Module) -> tuple[int, ...] | None:
     """The input size (C, H, W) a model declares: lgconv presets' ``default_input_size`` or timm's cfg."""
     size = getattr(model, "default_input_size", None)
@@ -496,7 +506,7 @@ def count_flops(
                 try:
                     counts, unsupported = _count_with_torch(model, example, convention)
                 except Exception as error:
-                    shapes = ", ".join("x".join(map(str, t.shape)) for t in example)
+                    shapes = ", ".join("x".join(map(str, s)) for s in _tensor_shapes(example))
                     reason = (
                         str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                     )
@@ -519,7 +529,7 @@ def count_flops(
         dense_params=dense_params,
         convention=convention,
         counter=counter,
-        input_shapes=tuple(tuple(t.shape) for t in example),
+        input_shapes=_tensor_shapes(example),
         unsupported=unsupported,
         lgconv_layers=len(layers),
         fallback_reason=fallback_reason,

@@ -275,3 +275,29 @@ def test_fallback_counts_parameters_fed_to_submodules_and_restores_requires_grad
     assert report.counter == TORCH_COUNTER
     assert report.total == 1 * 4 * 2 + 3 * 4 * 2
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_learned_and_condensed_layers_count_kept_connections(dims: int) -> None:
+    conv = (nn.Conv1d, nn.Conv3d)[dims // 3]
+    model = nn.Sequential(conv(8, 16, 1), nn.ReLU(), conv(16, 8, 1, stride=2))
+    x = torch.randn(1, 8, *([6] * dims))
+    dense = lgconv.count_flops(model, inputs=x).total
+    masked = condense_all(lgconv.condensify(model, groups=4))
+    report = lgconv.count_flops(masked, inputs=x)
+    assert report.dense_total == dense and report.total == dense // 4
+    assert lgconv.count_flops(lgconv.finalize(masked), inputs=x).total == dense // 4
+
+
+def test_inputs_may_be_a_list_of_images_as_detectors_take() -> None:
+    class ListInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([self.conv(image[None]).flatten() for image in images])
+
+    report = lgconv.count_flops(ListInput(), inputs=[[torch.randn(3, 4, 4), torch.randn(3, 2, 2)]])
+    assert report.total == 3 * 4 * (16 + 4)
+    assert report.input_shapes == ((3, 4, 4), (3, 2, 2))

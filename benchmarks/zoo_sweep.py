@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _zoo_families import FAMILIES, Inputs, output_error, same_scores, tensors, training_loss  # noqa: E402
 
 import lgconv  # noqa: E402
+from lgconv.layers import CondensedLinear  # noqa: E402
 from lgconv.layers.learned_group import LearnedGroupMixin  # noqa: E402
 
 SOURCES = tuple(FAMILIES)
@@ -116,7 +117,8 @@ def build(key: str, device: str | None = None) -> nn.Module:
 
 
 # Attention products: the counter sees whichever kernel scaled_dot_product_attention picked (it may
-# change with the layout of q, k, v), so they are kept out of the exact comparison.
+# change with the layout of q, k, v), so batched products outside lgconv's layers (whose condensed
+# Linear form is a batched product too) are kept out of the exact comparison.
 ATTENTION_OPS = ("bmm", "baddbmm", "_scaled_dot_product")
 
 
@@ -135,9 +137,20 @@ def count_flops(model: nn.Module, inputs: Inputs) -> tuple[int, int]:
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
-    ops = counter.get_flop_counts().get("Global", {})
-    attention = sum(v for op, v in ops.items() if str(op).split(".")[-1].startswith(ATTENTION_OPS))
-    return counter.get_total_flops(), attention
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    lgconv_layers = [
+        f"{root}.{name}" if name else root
+        for name, m in model.named_modules()
+        if isinstance(m, (LearnedGroupMixin, CondensedLinear))
+    ]
+
+    def attention(scope: str) -> int:
+        ops = counts.get(scope, {})
+        return sum(v for op, v in ops.items() if str(op).split(".")[-1].startswith(ATTENTION_OPS))
+
+    outside = attention("Global") - sum(attention(scope) for scope in lgconv_layers)
+    return counter.get_total_flops(), outside
 
 
 def predicted_drop(model: nn.Module, inputs: Inputs) -> tuple[tuple[int, int], int]:

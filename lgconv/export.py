@@ -38,6 +38,7 @@ from lgconv.inference import (
     fold_neighbours,
 )
 from lgconv.layers import CondensedConv2d, DenseGroupedConv2d, Folded, FusedCondensedConv2d
+from lgconv.layers.condensed_conv import CondensedConvNd
 from lgconv.layers.conv_geometry import conv_geometry
 from lgconv.layers.learned_group import LearnedGroupMixin, grouped_order
 from lgconv.model_file import write_atomic
@@ -61,9 +62,8 @@ class _Shuffle(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, input: Tensor, groups: int, per_group: int) -> Tensor:
-        batch, channels, height, width = input.shape
-        shuffled = input.reshape(batch, groups, per_group, height, width).transpose(1, 2)
-        return shuffled.reshape(batch, channels, height, width)
+        shuffled = input.reshape(input.shape[0], groups, per_group, -1).transpose(1, 2)
+        return shuffled.reshape(input.shape)
 
     @staticmethod
     def symbolic(g: Any, input: Any, groups: int, per_group: int) -> Any:
@@ -73,8 +73,8 @@ class _Shuffle(torch.autograd.Function):
 
 
 class ChannelShuffle(nn.Module):
-    """``(N, G*K, H, W) -> (N, K*G, H, W)``: channel ``g*K + k`` moves to ``k*G + g`` (reshapes and a
-    transpose, which runtimes compute as such, instead of a ``Gather`` permutation)."""
+    """``(N, G*K, ...) -> (N, K*G, ...)``, any spatial dims: channel ``g*K + k`` moves to ``k*G + g``
+    (reshapes and a transpose, which runtimes compute as such, instead of a ``Gather`` permutation)."""
 
     def __init__(self, groups: int, channels: int) -> None:
         super().__init__()
@@ -357,6 +357,17 @@ def _candidates(item: _Folded, absorbable: bool) -> tuple[dict[str, nn.Module], 
     return forms, leftover
 
 
+def _shuffled(layer: CondensedConvNd) -> nn.Module:
+    """A 1D / 3D condensed layer whose output order is a channel shuffle (the interleaved layout),
+    exported as gather + grouped conv + shuffle instead of a ``Gather`` permutation; others as they are."""
+    order = layer.restore
+    if order is None or not torch.equal(order.cpu(), _shuffle_order(layer.out_channels, layer.groups)):
+        return layer
+    grouped = copy.deepcopy(layer)
+    grouped.restore = None
+    return nn.Sequential(grouped, ChannelShuffle(layer.groups, layer.out_channels)).eval()
+
+
 def _absorb(model: nn.Module, order: Tensor, path: list[str], consumer: str) -> None:
     """Fold an output permutation ``y = z[:, order]`` into the per-channel modules on ``path`` and the
     ``consumer`` convolution, so they read ``z`` as it comes."""
@@ -424,6 +435,9 @@ def _export_form(model: nn.Module) -> tuple[nn.Module, dict[str, _Folded]]:
         if isinstance(module, DenseBlock):
             module.preallocate = False
     folded = fold_neighbours(export)
+    for name, module in list(export.named_modules()):
+        if isinstance(module, CondensedConvNd) and not isinstance(module, CondensedConv2d):
+            _set(export, name, _shuffled(module))
     for name, module in export.named_modules():
         if isinstance(module, FusedCondensedConv2d):
             folded[name] = _folded_from_fused(module)

@@ -273,3 +273,21 @@ def test_outputs_that_differ_in_the_runtime_raise_and_write_nothing(monkeypatch,
     with pytest.raises(ExportMismatchError, match="differ from the PyTorch model's in onnxruntime"):
         export_onnx(finalized(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), repeats=1)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_interleaved_conv1d_and_conv3d_export_as_a_shuffle_not_a_permutation(tmp_path, dims):
+    """The interleaved layer's order before a plain conv is a channel shuffle in the graph (a
+    ``Gather`` permutation there is what OpenVINO computes wrongly)."""
+    conv = (nn.Conv1d, nn.Conv3d)[dims // 3]
+    model = lgconv.condensify(
+        nn.Sequential(conv(16, 32, 1), nn.ReLU(), conv(32, 16, 3, padding=1)), layout="interleaved"
+    )
+    condense_all(model)
+    model = lgconv.finalize(model).eval()
+    x = torch.randn(2, 16, *([5] * dims))
+    report = lgconv.export_onnx(model, tmp_path / "m.onnx", x)
+    assert report.max_error <= 1e-5
+    assert permutation_gathers(onnx.load(str(tmp_path / "m.onnx"))) == []
+    with torch.no_grad():
+        assert model(x).shape == (2, 16, *([5] * dims))

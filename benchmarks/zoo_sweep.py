@@ -497,11 +497,7 @@ def render(records: list[dict[str, Any]], totals: dict[str, int], settings: Sett
     if no_eligible:
         top = ", ".join(f"{reason} ({n} models)" for reason, n in no_eligible.most_common(6))
         lines.append(f"Why models have no eligible layer (reasons their layers were skipped): {top}.")
-    skip_reasons = Counter(
-        "too large" if "parameters" in r["reason"] else r["reason"].split(": ")[0]
-        for r in records
-        if r["status"] == "skipped"
-    )
+    skip_reasons = Counter(_skip_kind(r["reason"]) for r in records if r["status"] == "skipped")
     if skip_reasons:
         lines.append(
             "Skipped because: " + ", ".join(f"{r} ({n})" for r, n in skip_reasons.most_common()) + "."
@@ -540,6 +536,14 @@ def render(records: list[dict[str, Any]], totals: dict[str, int], settings: Sett
             + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _skip_kind(reason: str) -> str:
+    if "--max-params" in reason:
+        return "too large to train here (surveyed on the meta device only)"
+    if "budget" in reason:
+        return "not checked within the run's time budget (surveyed on the meta device only)"
+    return reason.split(": ")[0]
 
 
 def _blocked_section(records: list[dict[str, Any]]) -> list[str]:

@@ -1,11 +1,12 @@
-"""The sliding window of a ``Conv2d`` (kernel, stride, padding, dilation, padding mode) as keywords."""
+"""The sliding window of a ``Conv1d`` / ``Conv2d`` / ``Conv3d`` (kernel, stride, padding, dilation,
+padding mode) as keywords."""
 
 from typing import Any
 
 from torch import nn
 
 
-def conv_geometry(conv: nn.Conv2d) -> dict[str, Any]:
+def conv_geometry(conv: nn.Module) -> dict[str, Any]:
     """JSON-ready constructor keywords that give a new conv the same window as ``conv``."""
     return {
         "kernel_size": list(conv.kernel_size),

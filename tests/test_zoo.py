@@ -178,3 +178,26 @@ def test_zoo_sweep_linear_mode_condenses_a_vit(sweep: Any, tmp_path: Path) -> No
     (record,) = json.loads(out.with_suffix(".json").read_text())
     assert record["status"] == "pass" and record["condensed"] == record["eligible"] > 0
     assert record["flop_reduction"] > 1.5
+
+
+NEW_FAMILIES = [
+    "torchvision-detection:fasterrcnn_mobilenet_v3_large_320_fpn",
+    "torchvision-optical_flow:raft_small",
+    pytest.param("torchvision-detection:retinanet_resnet50_fpn", marks=pytest.mark.slow),
+    pytest.param("torchvision-detection:maskrcnn_resnet50_fpn", marks=pytest.mark.slow),
+    pytest.param("torchvision-segmentation:deeplabv3_mobilenet_v3_large", marks=pytest.mark.slow),
+    pytest.param("torchvision-video:mc3_18", marks=pytest.mark.slow),
+    pytest.param("timm-features:resnet10t", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("key", NEW_FAMILIES)
+def test_sweep_checks_detection_flow_video_and_feature_models_in_full(sweep: Any, key: str) -> None:
+    """Detectors trained with targets (their loss path) then compared in eval, RAFT's list of flows,
+    feature lists: every output tensor equal after finalize, FLOPs dropping as planned."""
+    record = sweep.check(key, sweep.Settings(groups=4, input_size=64, max_params=100e6, timeout=0, rtol=1e-4))
+    assert record["status"] == "pass", record.get("reason")
+    assert record["condensed"] == record["eligible"] > 0
+    assert record["output_values"] > 0 and record["flop_reduction"] > 1.0
+    if key.startswith(("torchvision-detection", "torchvision-optical_flow", "timm-features")):
+        assert record["outputs"] > 1  # detections per image, RAFT's flow per update, feature maps

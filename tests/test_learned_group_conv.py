@@ -325,6 +325,7 @@ NDIM = {
 @given(
     cfg=group_configs(max_groups=4, max_factor=4, max_mult=3),
     dims=st.sampled_from([1, 3]),
+    kernel=st.sampled_from([1, 3]),
     stride=st.sampled_from([1, 2]),
     padding=st.sampled_from([0, 1]),
     bias=st.booleans(),
@@ -333,12 +334,16 @@ NDIM = {
     stage=st.integers(0, 4),
     seed=st.integers(0, 2**16),
 )
-def test_conv1d_and_conv3d_finalize_equals_masked(cfg, dims, stride, padding, bias, size, batch, stage, seed):
+def test_conv1d_and_conv3d_finalize_equals_masked(
+    cfg, dims, kernel, stride, padding, bias, size, batch, stage, seed
+):
+    """Pointwise and (with ``kxk=True``) kxk layers in 1D and 3D, at any stage, equal after finalize."""
     learned, condensed, _ = NDIM[dims]
     torch.manual_seed(seed)
     layer = learned(
         cfg.in_channels,
         cfg.out_channels,
+        kernel,
         learned_groups=cfg.groups,
         condense_factor=cfg.condense_factor,
         layout=cfg.layout,
@@ -351,11 +356,11 @@ def test_conv1d_and_conv3d_finalize_equals_masked(cfg, dims, stride, padding, bi
         with torch.no_grad():
             layer.weight.add_(torch.randn_like(layer.weight) * 0.05)
         layer.condense()
-    x = torch.randn(batch, cfg.in_channels, *([size] * dims))
+    x = torch.randn(batch, cfg.in_channels, *([size + kernel - 1] * dims))
     final = assert_finalize_exact(layer, x)
     assert type(final) is condensed
     kept = cfg.in_channels - min(stage, layer.max_stage) * (cfg.in_channels // cfg.condense_factor)
-    assert final.conv.weight.shape == (cfg.out_channels, kept) + (1,) * dims
+    assert final.conv.weight.shape == (cfg.out_channels, kept) + (kernel,) * dims
     assert final.conv.groups == cfg.groups
     assert condensed.from_config(final.config()).conv.weight.shape == final.conv.weight.shape
 

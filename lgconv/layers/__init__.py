@@ -6,6 +6,7 @@ from lgconv.layers.fused_condensed_conv import DenseGroupedConv2d, Folded, Fused
 from lgconv.layers.learned_group import LearnedGroupMixin
 from lgconv.layers.learned_group_conv import LearnedGroupConv
 from lgconv.layers.learned_group_linear import LearnedGroupLinear
+from lgconv.layers.native_grouped_conv import NativeGroupedConv2d
 
 __all__ = [
     "CondensedConv2d",
@@ -16,4 +17,5 @@ __all__ = [
     "LearnedGroupConv",
     "LearnedGroupLinear",
     "LearnedGroupMixin",
+    "NativeGroupedConv2d",
 ]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 DISABLE_VARIABLE = "LGCONV_NATIVE"  # set to 0 to keep the native kernels off (the reference runs)
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("condensed_pointwise.cpp", "grouped_conv3x3.cpp"))
+_SOURCES = tuple(Path(__file__).with_name(f) for f in ("condensed_pointwise.cpp", "grouped_conv3x3.cpp"))
 
 
 def _cpu_features() -> str:
@@ -41,7 +41,9 @@ def _flags() -> list[str]:
 
 def _extension_name(flags: list[str]) -> str:
     digest = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in _SOURCES), " ".join(flags).encode(), _cpu_features().encode()):
+    for source in _SOURCES:
+        digest.update(source.read_bytes())
+    for part in (" ".join(flags).encode(), _cpu_features().encode()):
         digest.update(part)
     digest.update(torch.__version__.encode())
     return f"lgconv_kernels_{digest.hexdigest()[:16]}"

@@ -76,6 +76,13 @@ class NativeGroupedConv2d(nn.Conv2d):
         return cls(**config)
 
     def forward(self, input: Tensor) -> Tensor:
-        if not torch.jit.is_scripting() and torch.onnx.is_in_onnx_export():
-            return super().forward(input)  # ONNX has no such op: record the conv (same function)
+        if self._exporting_onnx():
+            return self._conv_forward(input, self.weight, self.bias)
         return torch.ops.lgconv.grouped_conv3x3(input, self.weight, self.bias, self.groups)
+
+    @staticmethod
+    def _exporting_onnx() -> bool:
+        """ONNX has no such op: its exporters record the plain conv (same function) instead."""
+        if torch.jit.is_scripting():
+            return False
+        return torch.onnx.is_in_onnx_export()

@@ -37,7 +37,13 @@ from lgconv.inference import (
     _set,
     fold_neighbours,
 )
-from lgconv.layers import CondensedConv2d, DenseGroupedConv2d, Folded, FusedCondensedConv2d
+from lgconv.layers import (
+    CondensedConv2d,
+    DenseGroupedConv2d,
+    Folded,
+    FusedCondensedConv2d,
+    NativeGroupedConv2d,
+)
 from lgconv.layers.conv_geometry import conv_geometry
 from lgconv.layers.learned_group import LearnedGroupMixin, grouped_order
 from lgconv.model_file import write_atomic
@@ -423,11 +429,27 @@ def _export_form(model: nn.Module) -> tuple[nn.Module, dict[str, _Folded]]:
     for module in export.modules():
         if isinstance(module, DenseBlock):
             module.preallocate = False
+    for name, module in list(export.named_modules()):
+        if isinstance(module, NativeGroupedConv2d):  # a plain conv again, so its forms are tried
+            _set(export, name, _plain_conv(module))
     folded = fold_neighbours(export)
     for name, module in export.named_modules():
         if isinstance(module, FusedCondensedConv2d):
             folded[name] = _folded_from_fused(module)
     return export, folded
+
+
+def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """An ``nn.Conv2d`` with ``conv``'s window, groups, weight and bias."""
+    plain = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        **conv_geometry(conv),
+    )
+    plain.load_state_dict(conv.state_dict())
+    return plain.eval()
 
 
 def export_onnx(

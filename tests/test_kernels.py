@@ -247,3 +247,13 @@ def test_inspect_shows_the_native_kernel(native, tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(path)])
     assert result.exit_code == 0, result.output
     assert "FusedCondensedConv2d[native]" in result.output
+
+
+def test_export_onnx_tries_the_native_layers_plain_forms(native, tmp_path):
+    """export_onnx reads native 1x1 layers as grouped and native 3x3 convs as plain convs."""
+    masked = _condensenet()
+    x = torch.randn(1, 3, 16, 16)
+    report = lgconv.export_onnx(_native_model(masked), tmp_path / "native.onnx", x, repeats=1)
+    assert report.max_error < 1e-4
+    layers = {choice.name: choice for choice in report.layers}
+    assert set(layers["features.denseblock1.denselayer1.conv2"].candidates_ms) == {"grouped", "dense"}

@@ -31,7 +31,10 @@ def test_latency_smoke_times_every_form_and_checks_outputs(tmp_path):
     forms = {row["form"] for row in result["rows"]}
     assert {"dense", "masked", "naive (reference-style)", "finalized", "optimised (auto)"} <= forms
     assert {"uncondensed, same pipeline", "ONNX Runtime, dense network", "ONNX Runtime, export_onnx"} <= forms
+    assert {"optimised (auto), TorchScript", "uncondensed, same pipeline, TorchScript"} <= forms
     assert any(form.startswith("+ ") for form in forms)  # ablation rows
+    traced = next(r for r in result["rows"] if r["form"] == "optimised (auto), TorchScript")
+    assert traced["baseline"] == "uncondensed, same pipeline, TorchScript"
     for row in result["rows"]:
         assert row["timing"]["median_ms"] > 0 and row["flop_ratio"] > 1.5 and row["vs_uncondensed"] > 0
         if row["rel_error_vs_masked"] is not None:

@@ -149,15 +149,19 @@ def require_runtime(runtime: str) -> Any:
 
 
 def compile_onnx(
-    path: str | os.PathLike[str], runtime: str = "onnxruntime", *, threads: int | None = None
+    path: str | os.PathLike[str],
+    runtime: str = "onnxruntime",
+    *,
+    threads: int | None = None,
+    passive: bool | None = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """The ONNX graph at ``path`` compiled by ``runtime`` for the CPU in float32, as a function from
-    the input array to the first output. ``threads`` defaults to torch's thread count. With
-    ``OMP_WAIT_POLICY=PASSIVE`` (a shared machine) ONNX Runtime's idle threads sleep instead of
-    spinning and OpenVINO's threads are not pinned to cores."""
+    the input array to the first output. ``threads`` defaults to torch's thread count. ``passive``
+    (default: ``OMP_WAIT_POLICY=PASSIVE``, a shared machine) makes ONNX Runtime's idle threads sleep
+    instead of spinning and leaves OpenVINO's threads unpinned."""
     module = require_runtime(runtime)
     threads = threads or torch.get_num_threads()
-    shared = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+    shared = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" if passive is None else passive
     if runtime == "onnxruntime":
         options = module.SessionOptions()
         options.intra_op_num_threads = threads
@@ -398,7 +402,8 @@ def _runtime_ms(
     for i, module in enumerate(forms.values()):
         path = folder / f"trial{i}.onnx"
         to_onnx(module, x, path, dynamic_batch=dynamic)
-        runners.append(compile_onnx(path, runtime))
+        # Passive: a session's threads must not spin on while the next candidate is timed.
+        runners.append(compile_onnx(path, runtime, passive=True))
     array = x.detach().contiguous().numpy()
     start = time.perf_counter()
     for run in runners:

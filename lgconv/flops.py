@@ -108,6 +108,11 @@ def _condensed_pointwise_handle(inputs: list[Any], outputs: list[Any]) -> Counte
     return Counter({"conv": _numel(_shape(outputs[0])) * _shape(inputs[2])[1]})
 
 
+def _avg_pool2x2_handle(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    """Paper convention: 4 ops per output element of lgconv's native 2x2 average pooling."""
+    return Counter({"avg_pool2d": _numel(_shape(outputs[0])) * 4})
+
+
 def _grouped_conv3x3_handle(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
     """lgconv's native grouped 3x3 conv: each output element costs 9 taps of its group's inputs."""
     return Counter({"conv": _numel(_shape(outputs[0])) * _shape(inputs[1])[1] * 9})
@@ -126,6 +131,7 @@ def _fvcore_handles(convention: str) -> dict[str, Any]:
                 "aten::relu": _relu_handle,
                 "aten::relu_": _relu_handle,
                 "aten::avg_pool2d": _avg_pool_handle,
+                "lgconv::avg_pool2x2": _avg_pool2x2_handle,
                 "aten::adaptive_avg_pool2d": _adaptive_pool_handle,
             }
         )
@@ -172,6 +178,9 @@ def _torch_custom_mapping(convention: str) -> dict[Any, Any]:
         kernel = list(kernel) * (2 if len(kernel) == 1 else 1)
         return 2 * _numel(out_shape) * _numel(kernel)
 
+    def native_avg_pool(x_shape: Sequence[int], *args: Any, out_shape: Sequence[int], **kwargs: Any) -> int:
+        return 2 * _numel(out_shape) * 4
+
     def whole_input(x_shape: Sequence[int], *args: Any, out_shape: Sequence[int], **kwargs: Any) -> int:
         return 2 * _numel(x_shape)
 
@@ -180,6 +189,7 @@ def _torch_custom_mapping(convention: str) -> dict[Any, Any]:
         aten.relu: relu,
         aten.relu_: relu,
         aten.avg_pool2d: avg_pool,
+        torch.ops.lgconv.avg_pool2x2: native_avg_pool,
         aten._adaptive_avg_pool2d: whole_input,
         aten.mean: whole_input,  # adaptive average pooling to 1x1 dispatches as a mean
     }

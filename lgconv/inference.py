@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lgconv import kernels
-from lgconv.layers import CondensedConv2d, NativeGroupedConv2d
+from lgconv.layers import CondensedConv2d, NativeAvgPool2d, NativeGroupedConv2d
 from lgconv.layers.conv_geometry import conv_geometry
 from lgconv.layers.fused_condensed_conv import (
     KERNELS,
@@ -31,6 +31,7 @@ from lgconv.layers.fused_condensed_conv import (
     is_pointwise,
 )
 from lgconv.layers.learned_group import LearnedGroupMixin, grouped_order
+from lgconv.layers.native_avg_pool import computes_avg_pool2x2
 from lgconv.layers.native_grouped_conv import computes_grouped_conv3x3
 
 _MIN_SAMPLE_S = 1e-3  # one timing sample of a candidate lasts at least this long
@@ -367,8 +368,9 @@ def optimize_for_inference(
     leaves the batch norms alone. ``dense_grouped`` turns the model's other grouped convs (up to 8
     groups, e.g. CondenseNet's 3x3) into ``DenseGroupedConv2d``: always (True), never (False), or
     where timing on the example input says it is faster (None; then a 3x3 conv with stride 1 and
-    padding 1 may also become ``NativeGroupedConv2d``, the C++ op). Outputs equal the finalized
-    model's up to float rounding.
+    padding 1 may also become ``NativeGroupedConv2d``, the C++ op). With ``example_input``, 2x2
+    average pools (stride 2) may become ``NativeAvgPool2d`` where timing says so (ATen's pool is
+    slow on NCHW). Outputs equal the finalized model's up to float rounding.
     """
     if kernel != "auto" and kernel not in KERNELS:
         raise ValueError(f"kernel must be 'auto' or one of {KERNELS}, got {kernel!r}")
@@ -405,6 +407,9 @@ def optimize_for_inference(
         )
     if dense_grouped is None:
         candidates.update({name: _grouped_candidates(conv) for name, conv in originals.items()})
+    if kernels.load_native():
+        pools = [n for n, m in model.named_modules() if computes_avg_pool2x2(m) and not n.startswith(inside)]
+        candidates.update({name: [model.get_submodule(name), NativeAvgPool2d()] for name in pools})
     formats = [torch.channels_last, torch.contiguous_format]
     if channels_last is not None:
         formats = [torch.channels_last if channels_last else torch.contiguous_format]

@@ -17,17 +17,19 @@ from hypothesis import strategies as st
 import lgconv
 from lgconv.kernels import (
     DISABLE_VARIABLE,
+    avg_pool2x2_reference,
     condensed_pointwise_reference,
     grouped_conv3x3_reference,
     load_native,
 )
-from lgconv.layers import FusedCondensedConv2d, NativeGroupedConv2d
+from lgconv.layers import FusedCondensedConv2d, NativeAvgPool2d, NativeGroupedConv2d
 from lgconv.models import CondenseNet
 from lgconv.models.condensenet import condense_network
 
 ROOT = Path(__file__).resolve().parents[1]
 op = torch.ops.lgconv.condensed_pointwise
 conv3x3 = torch.ops.lgconv.grouped_conv3x3
+avg_pool = torch.ops.lgconv.avg_pool2x2
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +121,26 @@ def test_grouped_conv3x3_other_dtypes_take_the_aten_path(native, args):
     torch.testing.assert_close(conv3x3(*args), grouped_conv3x3_reference(*args), atol=1e-12, rtol=1e-12)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(2, 13), st.integers(2, 13)),
+    extra=st.integers(0, 3),
+    channels_last=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_native_avg_pool_equals_reference(native, shape, extra, channels_last, dtype):
+    """Odd sizes (floor mode), channel slices, both memory formats; float64 takes the ATen path."""
+    batch, channels, height, width = shape
+    x = torch.randn(batch, channels + extra, height, width, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x[:, extra:]
+    expected = avg_pool2x2_reference(x)
+    actual = avg_pool(x)
+    assert actual.shape == expected.shape and actual.stride() == expected.stride()
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_native_grouped_conv_refuses_other_windows():
     with pytest.raises(ValueError, match="3x3 convs with stride 1, padding 1"):
         NativeGroupedConv2d(8, 4, kernel_size=3, stride=2, padding=1, groups=4)
@@ -160,6 +182,10 @@ def _native_model(masked: CondenseNet) -> CondenseNet:
     for layer in fast.modules():
         if hasattr(layer, "conv2"):
             layer.conv2 = NativeGroupedConv2d.from_conv(layer.conv2)
+    for name, module in list(fast.features.named_children()):
+        if isinstance(module, torch.nn.AvgPool2d):
+            setattr(fast.features, name, NativeAvgPool2d())
+    assert any(isinstance(m, NativeAvgPool2d) for m in fast.modules())
     return fast
 
 
@@ -177,6 +203,7 @@ def test_every_path_runs_the_native_model(native, tmp_path):
         exported = torch.export.export(fast, (x,))
         assert "lgconv.condensed_pointwise" in str(exported.graph)
         assert "lgconv.grouped_conv3x3" in str(exported.graph)
+        assert "lgconv.avg_pool2x2" in str(exported.graph)
         torch.testing.assert_close(exported.module()(x), expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.compile(fast)(x), expected, atol=1e-5, rtol=1e-5)
         path = tmp_path / "native.onnx"
@@ -204,7 +231,7 @@ x, expected = torch.load(sys.argv[2])
 with torch.no_grad():
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 kinds = {m.kernel for m in model.modules() if type(m).__name__ == "FusedCondensedConv2d"}
-kinds |= {type(m).__name__ for m in model.modules() if type(m).__name__ == "NativeGroupedConv2d"}
+kinds |= {type(m).__name__ for m in model.modules() if type(m).__name__.startswith("Native")}
 print(load_native(), sorted(kinds))
 """
 
@@ -231,7 +258,12 @@ def test_saved_native_model_runs_in_a_fresh_process(native, tmp_path, disabled):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(not disabled), "['NativeGroupedConv2d',", "'native']"]
+    assert result.stdout.split() == [
+        str(not disabled),
+        "['NativeAvgPool2d',",
+        "'NativeGroupedConv2d',",
+        "'native']",
+    ]
 
 
 def test_inspect_shows_the_native_kernel(native, tmp_path):

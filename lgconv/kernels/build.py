@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 DISABLE_VARIABLE = "LGCONV_NATIVE"  # set to 0 to keep the native kernels off (the reference runs)
-_SOURCES = tuple(Path(__file__).with_name(f) for f in ("condensed_pointwise.cpp", "grouped_conv3x3.cpp"))
+_SOURCES = tuple(
+    Path(__file__).with_name(f) for f in ("condensed_pointwise.cpp", "grouped_conv3x3.cpp", "avg_pool2x2.cpp")
+)
 
 
 def _cpu_features() -> str:

@@ -4,8 +4,9 @@ All forms of one network and batch are timed in the same interleaved rounds (aft
 median and the range over rounds are reported), next to the FLOP ratio masked / finalized, and every
 form's output is checked against the masked model's. The baseline that says what condensing buys is
 "uncondensed, same pipeline" (the network condensified but left at stage 0, finalized and optimised
-the same way); each installed runtime (ONNX Runtime, OpenVINO) adds the dense network, lgconv's plain
-finalized graph and the ``lgconv.export_onnx`` graph, compared with that runtime's dense network.
+the same way; the TorchScript rows trace and freeze both); each installed runtime (ONNX Runtime,
+OpenVINO) adds the dense network, lgconv's plain finalized graph and the ``lgconv.export_onnx``
+graph, compared with that runtime's dense network.
 Writes a JSON and ``docs/benchmarks.md``.
 
     .venv/bin/python benchmarks/latency.py            # full run, a few minutes on 2 cores
@@ -25,6 +26,7 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import functools  # noqa: E402
 import tempfile  # noqa: E402
+import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -44,6 +46,7 @@ FULL = {"condensenet86": (1, 64), "condensenet74_imagenet": (1, 8), "resnet50": 
 SMOKE = {"condensenet50": (1, 2)}
 ABLATED = ("condensenet86", "condensenet50")
 UNCONDENSED = "uncondensed, same pipeline"
+TRACED = ", TorchScript"  # suffix of the rows traced and frozen (torch.jit.trace + torch.jit.freeze)
 RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 
 
@@ -81,18 +84,29 @@ def _max_error(model: Callable[[Tensor], Any], reference: Tensor, x: Tensor) -> 
     return float((out.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
 
 
-def _runner(model: nn.Module, x: Tensor) -> Callable[[], object]:
+def _input_format(model: nn.Module) -> torch.memory_format:
+    """The memory format ``model``'s weights are in, which its input should have too."""
     channels_last = any(
         p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
         for p in model.parameters()
     )
-    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return torch.channels_last if channels_last else torch.contiguous_format
 
+
+def _runner(model: Callable[[Tensor], Any], x: Tensor) -> Callable[[], object]:
     def run() -> object:
         with torch.inference_mode():
             return model(x)
 
     return run
+
+
+def traced(model: nn.Module, x: Tensor) -> torch.jit.ScriptModule:
+    """``model`` traced on ``x`` and frozen: the same ops without Python's per-module cost, as a
+    user serving from TorchScript would run it."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values in the graph
+        return torch.jit.freeze(torch.jit.trace(model, x, check_trace=False).eval())
 
 
 def installed_runtimes(asked: list[str] | None) -> list[str]:
@@ -143,12 +157,12 @@ def _baseline(label: str) -> str:
     for name in RUNTIME_NAMES.values():
         if label.startswith(f"{name}, "):
             return f"{name}, dense network"
-    return UNCONDENSED
+    return UNCONDENSED + TRACED if label.endswith(TRACED) else UNCONDENSED
 
 
 def _other_function(label: str) -> bool:
     """Rows that compute the uncondensed network, not the masked one: no error against it."""
-    return label in ("dense", UNCONDENSED) or label.endswith(", dense network")
+    return label in ("dense", UNCONDENSED, UNCONDENSED + TRACED) or label.endswith(", dense network")
 
 
 def bench_network(name: str, batches: tuple[int, ...], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -166,10 +180,14 @@ def bench_network(name: str, batches: tuple[int, ...], args: argparse.Namespace)
         }
         models.update(optimised_forms(forms.finalized, x, args.ablation and name in ABLATED))
         models[UNCONDENSED] = lgconv.optimize_for_inference(copy.deepcopy(forms.uncondensed), x, repeats=3)
-        runners = {label: _runner(model, x) for label, model in models.items()}
+        inputs = {label: x.contiguous(memory_format=_input_format(model)) for label, model in models.items()}
+        for label in ("optimised (auto)", UNCONDENSED):
+            models[label + TRACED] = traced(models[label], inputs[label])
+            inputs[label + TRACED] = inputs[label]
+        runners = {label: _runner(model, inputs[label]) for label, model in models.items()}
         with torch.inference_mode():
             reference = forms.masked(x).float()
-        errors = {label: _max_error(model, reference, x) for label, model in models.items()}
+        errors = {label: _max_error(model, reference, inputs[label]) for label, model in models.items()}
         with tempfile.TemporaryDirectory() as folder:
             runtimes = [] if args.smoke and batch != batches[0] else args.runtimes  # smoke: seconds
             graphs = runtime_forms(forms, x, runtimes, Path(folder), 1 if args.smoke else 3)
@@ -244,7 +262,7 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
     )
     note = (
         "vs uncondensed: speedup over the same network left uncondensed through the same pipeline "
-        "(stage 0, finalized, optimised);\n"
+        "(stage 0, finalized, optimised; TorchScript rows: both traced and frozen);\n"
         "for ONNX Runtime / OpenVINO rows, over that runtime's dense network."
     )
     return f"Machine: {_timing.machine_line(machine)}\n\n{table}\n\n{note}\n"

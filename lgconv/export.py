@@ -37,7 +37,13 @@ from lgconv.inference import (
     _set,
     fold_neighbours,
 )
-from lgconv.layers import CondensedConv2d, DenseGroupedConv2d, Folded, FusedCondensedConv2d
+from lgconv.layers import (
+    CondensedConv2d,
+    DenseGroupedConv2d,
+    Folded,
+    FusedCondensedConv2d,
+    NativeGroupedConv2d,
+)
 from lgconv.layers.condensed_conv import CondensedConvNd
 from lgconv.layers.conv_geometry import conv_geometry
 from lgconv.layers.learned_group import LearnedGroupMixin, grouped_order
@@ -143,15 +149,19 @@ def require_runtime(runtime: str) -> Any:
 
 
 def compile_onnx(
-    path: str | os.PathLike[str], runtime: str = "onnxruntime", *, threads: int | None = None
+    path: str | os.PathLike[str],
+    runtime: str = "onnxruntime",
+    *,
+    threads: int | None = None,
+    passive: bool | None = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """The ONNX graph at ``path`` compiled by ``runtime`` for the CPU in float32, as a function from
-    the input array to the first output. ``threads`` defaults to torch's thread count. With
-    ``OMP_WAIT_POLICY=PASSIVE`` (a shared machine) ONNX Runtime's idle threads sleep instead of
-    spinning and OpenVINO's threads are not pinned to cores."""
+    the input array to the first output. ``threads`` defaults to torch's thread count. ``passive``
+    (default: ``OMP_WAIT_POLICY=PASSIVE``, a shared machine) makes ONNX Runtime's idle threads sleep
+    instead of spinning and leaves OpenVINO's threads unpinned."""
     module = require_runtime(runtime)
     threads = threads or torch.get_num_threads()
-    shared = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+    shared = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" if passive is None else passive
     if runtime == "onnxruntime":
         options = module.SessionOptions()
         options.intra_op_num_threads = threads
@@ -403,7 +413,8 @@ def _runtime_ms(
     for i, module in enumerate(forms.values()):
         path = folder / f"trial{i}.onnx"
         to_onnx(module, x, path, dynamic_batch=dynamic)
-        runners.append(compile_onnx(path, runtime))
+        # Passive: a session's threads must not spin on while the next candidate is timed.
+        runners.append(compile_onnx(path, runtime, passive=True))
     array = x.detach().contiguous().numpy()
     start = time.perf_counter()
     for run in runners:
@@ -434,6 +445,9 @@ def _export_form(model: nn.Module) -> tuple[nn.Module, dict[str, _Folded]]:
     for module in export.modules():
         if isinstance(module, DenseBlock):
             module.preallocate = False
+    for name, module in list(export.named_modules()):
+        if isinstance(module, NativeGroupedConv2d):  # a plain conv again, so its forms are tried
+            _set(export, name, _plain_conv(module))
     folded = fold_neighbours(export)
     for name, module in list(export.named_modules()):
         if isinstance(module, CondensedConvNd) and not isinstance(module, CondensedConv2d):
@@ -442,6 +456,19 @@ def _export_form(model: nn.Module) -> tuple[nn.Module, dict[str, _Folded]]:
         if isinstance(module, FusedCondensedConv2d):
             folded[name] = _folded_from_fused(module)
     return export, folded
+
+
+def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """An ``nn.Conv2d`` with ``conv``'s window, groups, weight and bias."""
+    plain = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        **conv_geometry(conv),
+    )
+    plain.load_state_dict(conv.state_dict())
+    return plain.eval()
 
 
 def export_onnx(

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-import lgconv.kernels  # noqa: F401 - registers lgconv::condensed_pointwise, counted below
+import lgconv.kernels  # noqa: F401 - registers lgconv's native ops, counted below
 from lgconv.layers.learned_group import LearnedGroupMixin
 
 Convention = Literal["fvcore", "paper"]
@@ -108,11 +108,22 @@ def _condensed_pointwise_handle(inputs: list[Any], outputs: list[Any]) -> Counte
     return Counter({"conv": _numel(_shape(outputs[0])) * _shape(inputs[2])[1]})
 
 
+def _avg_pool2x2_handle(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    """Paper convention: 4 ops per output element of lgconv's native 2x2 average pooling."""
+    return Counter({"avg_pool2d": _numel(_shape(outputs[0])) * 4})
+
+
+def _grouped_conv3x3_handle(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
+    """lgconv's native grouped 3x3 conv: each output element costs 9 taps of its group's inputs."""
+    return Counter({"conv": _numel(_shape(outputs[0])) * _shape(inputs[1])[1] * 9})
+
+
 def _fvcore_handles(convention: str) -> dict[str, Any]:
     """Operator handles added to fvcore's defaults for ``convention`` (None means free, no warning)."""
     handles: dict[str, Any] = dict.fromkeys(_FREE_OPS)
     handles["aten::einsum"] = _einsum_handle
     handles["lgconv::condensed_pointwise"] = _condensed_pointwise_handle
+    handles["lgconv::grouped_conv3x3"] = _grouped_conv3x3_handle
     if convention == "paper":
         handles.update(
             {
@@ -120,6 +131,7 @@ def _fvcore_handles(convention: str) -> dict[str, Any]:
                 "aten::relu": _relu_handle,
                 "aten::relu_": _relu_handle,
                 "aten::avg_pool2d": _avg_pool_handle,
+                "lgconv::avg_pool2x2": _avg_pool2x2_handle,
                 "aten::adaptive_avg_pool2d": _adaptive_pool_handle,
             }
         )
@@ -127,7 +139,7 @@ def _fvcore_handles(convention: str) -> dict[str, Any]:
 
 
 def _torch_custom_mapping(convention: str) -> dict[Any, Any]:
-    """FlopCounterMode functions (on shapes, in its 2-per-multiply-add unit): lgconv's op, and the
+    """FlopCounterMode functions (on shapes, in its 2-per-multiply-add unit): lgconv's ops, and the
     paper convention's extra operators."""
 
     def condensed_pointwise(
@@ -140,7 +152,19 @@ def _torch_custom_mapping(convention: str) -> dict[Any, Any]:
     ) -> int:
         return 2 * _numel(out_shape) * int(weight_shape[1])
 
-    native = {torch.ops.lgconv.condensed_pointwise: condensed_pointwise}
+    def grouped_conv3x3(
+        x_shape: Sequence[int],
+        weight_shape: Sequence[int],
+        *args: Any,
+        out_shape: Sequence[int],
+        **kwargs: Any,
+    ) -> int:
+        return 2 * _numel(out_shape) * int(weight_shape[1]) * 9
+
+    native = {
+        torch.ops.lgconv.condensed_pointwise: condensed_pointwise,
+        torch.ops.lgconv.grouped_conv3x3: grouped_conv3x3,
+    }
     if convention != "paper":
         return native
     aten = torch.ops.aten
@@ -154,6 +178,9 @@ def _torch_custom_mapping(convention: str) -> dict[Any, Any]:
         kernel = list(kernel) * (2 if len(kernel) == 1 else 1)
         return 2 * _numel(out_shape) * _numel(kernel)
 
+    def native_avg_pool(x_shape: Sequence[int], *args: Any, out_shape: Sequence[int], **kwargs: Any) -> int:
+        return 2 * _numel(out_shape) * 4
+
     def whole_input(x_shape: Sequence[int], *args: Any, out_shape: Sequence[int], **kwargs: Any) -> int:
         return 2 * _numel(x_shape)
 
@@ -162,6 +189,7 @@ def _torch_custom_mapping(convention: str) -> dict[Any, Any]:
         aten.relu: relu,
         aten.relu_: relu,
         aten.avg_pool2d: avg_pool,
+        torch.ops.lgconv.avg_pool2x2: native_avg_pool,
         aten._adaptive_avg_pool2d: whole_input,
         aten.mean: whole_input,  # adaptive average pooling to 1x1 dispatches as a mean
     }

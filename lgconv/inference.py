@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 
-from lgconv.layers import CondensedConv2d
+from lgconv import kernels
+from lgconv.layers import CondensedConv2d, NativeAvgPool2d, NativeGroupedConv2d
 from lgconv.layers.condensed_conv import CondensedConvNd
 from lgconv.layers.conv_geometry import conv_geometry
 from lgconv.layers.fused_condensed_conv import (
@@ -31,6 +32,8 @@ from lgconv.layers.fused_condensed_conv import (
     is_pointwise,
 )
 from lgconv.layers.learned_group import LearnedGroupMixin, grouped_order
+from lgconv.layers.native_avg_pool import computes_avg_pool2x2
+from lgconv.layers.native_grouped_conv import computes_grouped_conv3x3
 
 _MIN_SAMPLE_S = 1e-3  # one timing sample of a candidate lasts at least this long
 
@@ -365,9 +368,12 @@ def optimize_for_inference(
     native kernel is the fused C++ op, built on first use); ``fold=False``
     leaves the batch norms alone. ``dense_grouped`` turns the model's other grouped convs (up to 8
     groups, e.g. CondenseNet's 3x3) into ``DenseGroupedConv2d``: always (True), never (False), or
-    where timing on the example input says it is faster (None). Outputs equal the finalized model's
-    up to float rounding. ``CondensedConv1d`` / ``CondensedConv3d`` layers have no fused kernels:
-    they are left as they are (gather + grouped conv), and a model with only those is returned as is.
+    where timing on the example input says it is faster (None; then a 3x3 conv with stride 1 and
+    padding 1 may also become ``NativeGroupedConv2d``, the C++ op). With ``example_input``, 2x2
+    average pools (stride 2) may become ``NativeAvgPool2d`` where timing says so (ATen's pool is
+    slow on NCHW). Outputs equal the finalized model's up to float rounding. ``CondensedConv1d`` /
+    ``CondensedConv3d`` layers have no fused kernels: they are left as they are (gather + grouped
+    conv), and a model with only those is returned as is.
     """
     if kernel != "auto" and kernel not in KERNELS:
         raise ValueError(f"kernel must be 'auto' or one of {KERNELS}, got {kernel!r}")
@@ -405,9 +411,10 @@ def optimize_for_inference(
             {name: [_build(item, choice) for choice in _kernels(item.layer)] for name, item in folded.items()}
         )
     if dense_grouped is None:
-        candidates.update(
-            {name: [conv, DenseGroupedConv2d.from_grouped(conv)] for name, conv in originals.items()}
-        )
+        candidates.update({name: _grouped_candidates(conv) for name, conv in originals.items()})
+    if kernels.load_native():
+        pools = [n for n, m in model.named_modules() if computes_avg_pool2x2(m) and not n.startswith(inside)]
+        candidates.update({name: [model.get_submodule(name), NativeAvgPool2d()] for name in pools})
     formats = [torch.channels_last, torch.contiguous_format]
     if channels_last is not None:
         formats = [torch.channels_last if channels_last else torch.contiguous_format]
@@ -440,6 +447,14 @@ def _tune(
         choices[name] = _fastest([c.to(memory_format=memory_format) for c in candidates[name]], x, repeats)
         _set(model, name, choices[name])
     return choices
+
+
+def _grouped_candidates(conv: nn.Conv2d) -> list[nn.Module]:
+    """The forms a grouped conv can take: itself, dense with zeros, and the native 3x3 op where it applies."""
+    forms: list[nn.Module] = [conv, DenseGroupedConv2d.from_grouped(conv)]
+    if computes_grouped_conv3x3(conv) and kernels.load_native():
+        forms.append(NativeGroupedConv2d.from_conv(conv))
+    return forms
 
 
 def _densifiable(module: nn.Module) -> bool:

@@ -31,7 +31,10 @@ def test_latency_smoke_times_every_form_and_checks_outputs(tmp_path):
     forms = {row["form"] for row in result["rows"]}
     assert {"dense", "masked", "naive (reference-style)", "finalized", "optimised (auto)"} <= forms
     assert {"uncondensed, same pipeline", "ONNX Runtime, dense network", "ONNX Runtime, export_onnx"} <= forms
+    assert {"optimised (auto), TorchScript", "uncondensed, same pipeline, TorchScript"} <= forms
     assert any(form.startswith("+ ") for form in forms)  # ablation rows
+    traced = next(r for r in result["rows"] if r["form"] == "optimised (auto), TorchScript")
+    assert traced["baseline"] == "uncondensed, same pipeline, TorchScript"
     for row in result["rows"]:
         assert row["timing"]["median_ms"] > 0 and row["flop_ratio"] > 1.5 and row["vs_uncondensed"] > 0
         if row["rel_error_vs_masked"] is not None:
@@ -62,17 +65,21 @@ def test_unknown_model_exits_2(capsys):
     assert "unknown model 'vgg99'" in capsys.readouterr().err
 
 
-def test_pointwise_kernel_smoke_compares_native_with_dense(tmp_path):
-    bench = _script("pointwise_kernel")
+def test_native_kernels_smoke_compares_native_with_pytorch(tmp_path):
+    bench = _script("native_kernels")
     assert (
         bench.main(["--smoke", "--json", str(tmp_path / "p.json"), "--markdown", str(tmp_path / "p.md")]) == 0
     )
-    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
-    assert len(rows) == 2
+    results = json.loads((tmp_path / "p.json").read_text())
+    rows = results["rows"]
+    assert len(rows) == 4 and {row["format"] for row in rows} == {"channels_last", "planes"}
     for row in rows:
         assert row["dense"]["median_ms"] > 0 and row["native"]["median_ms"] > 0
         assert row["max_abs_difference"] < 1e-4 and row["flop_ratio"] > 1.5
-    assert "native ms" in (tmp_path / "p.md").read_text()
+    (conv,) = results["conv3x3_rows"]
+    assert conv["native_planes"]["median_ms"] > 0 and conv["max_abs_difference"] < 1e-4
+    markdown = (tmp_path / "p.md").read_text()
+    assert "native ms" in markdown and "native planes ms" in markdown
 
 
 def test_runtimes_not_installed_are_skipped_with_one_line(monkeypatch, capsys):

@@ -15,13 +15,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lgconv
-from lgconv.kernels import DISABLE_VARIABLE, condensed_pointwise_reference, load_native
-from lgconv.layers import FusedCondensedConv2d
+from lgconv.kernels import (
+    DISABLE_VARIABLE,
+    avg_pool2x2_reference,
+    condensed_pointwise_reference,
+    grouped_conv3x3_reference,
+    load_native,
+)
+from lgconv.layers import FusedCondensedConv2d, NativeAvgPool2d, NativeGroupedConv2d
 from lgconv.models import CondenseNet
 from lgconv.models.condensenet import condense_network
 
 ROOT = Path(__file__).resolve().parents[1]
 op = torch.ops.lgconv.condensed_pointwise
+conv3x3 = torch.ops.lgconv.grouped_conv3x3
+avg_pool = torch.ops.lgconv.avg_pool2x2
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,8 @@ def op_arguments(draw, dtype: torch.dtype = torch.float32) -> tuple:
     group_outputs = draw(st.integers(1, 19))
     channels = draw(st.integers(kept, kept + 12))
     extra = draw(st.integers(0, 5))  # a channel slice of a wider tensor, as in a dense block
-    batch, height, width = draw(st.integers(1, 3)), draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    # Planes up to 12 x 12 reach every path of the planes kernel: whole chunks, whole vectors, a tail.
+    batch, height, width = draw(st.integers(1, 3)), draw(st.integers(1, 12)), draw(st.integers(1, 12))
     layout = draw(st.sampled_from(["channels_last", "contiguous", "spatial_stride"]))
     seed = draw(st.integers(0, 2**16))
     generator = torch.Generator().manual_seed(seed)
@@ -78,6 +87,65 @@ def test_other_dtypes_take_the_aten_path(native, args):
     torch.testing.assert_close(op(*args), condensed_pointwise_reference(*args), atol=1e-12, rtol=1e-12)
 
 
+@st.composite
+def conv3x3_arguments(draw, dtype: torch.dtype = torch.float32) -> tuple:
+    """Random grouped 3x3 conv arguments: channel slices, both memory formats, planes of 1 to 13."""
+    groups = draw(st.integers(1, 4))
+    group_inputs, group_outputs = draw(st.integers(1, 9)), draw(st.integers(1, 11))
+    extra = draw(st.integers(0, 3))
+    batch, height, width = draw(st.integers(1, 3)), draw(st.integers(1, 13)), draw(st.integers(1, 13))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    wide = torch.randn(batch, groups * group_inputs + extra, height, width, generator=generator, dtype=dtype)
+    if draw(st.booleans()):
+        wide = wide.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(groups * group_outputs, group_inputs, 3, 3, generator=generator, dtype=dtype)
+    bias = (
+        torch.randn(groups * group_outputs, generator=generator, dtype=dtype) if draw(st.booleans()) else None
+    )
+    return wide[:, extra:], weight, bias, groups
+
+
+@settings(max_examples=60, deadline=None)
+@given(args=conv3x3_arguments())
+def test_native_grouped_conv3x3_equals_reference(native, args):
+    expected = grouped_conv3x3_reference(*args)
+    with torch.inference_mode():
+        actual = conv3x3(*args)
+    assert actual.shape == expected.shape and actual.stride() == expected.stride()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(args=conv3x3_arguments(torch.float64))
+def test_grouped_conv3x3_other_dtypes_take_the_aten_path(native, args):
+    torch.testing.assert_close(conv3x3(*args), grouped_conv3x3_reference(*args), atol=1e-12, rtol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(2, 13), st.integers(2, 13)),
+    extra=st.integers(0, 3),
+    channels_last=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_native_avg_pool_equals_reference(native, shape, extra, channels_last, dtype):
+    """Odd sizes (floor mode), channel slices, both memory formats; float64 takes the ATen path."""
+    batch, channels, height, width = shape
+    x = torch.randn(batch, channels + extra, height, width, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x[:, extra:]
+    expected = avg_pool2x2_reference(x)
+    actual = avg_pool(x)
+    assert actual.shape == expected.shape and actual.stride() == expected.stride()
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_native_grouped_conv_refuses_other_windows():
+    with pytest.raises(ValueError, match="3x3 convs with stride 1, padding 1"):
+        NativeGroupedConv2d(8, 4, kernel_size=3, stride=2, padding=1, groups=4)
+
+
 def test_fake_gives_the_kernels_shape_and_strides(native):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -104,12 +172,20 @@ def _condensenet() -> CondenseNet:
 
 
 def _native_model(masked: CondenseNet) -> CondenseNet:
+    """Every condensed 1x1 on the native op, every grouped 3x3 a NativeGroupedConv2d, on planes (NCHW)."""
     fast = lgconv.optimize_for_inference(
-        lgconv.finalize(copy.deepcopy(masked)), kernel="native", channels_last=True
+        lgconv.finalize(copy.deepcopy(masked)), kernel="native", channels_last=False
     )
     fused = [m for m in fast.modules() if isinstance(m, FusedCondensedConv2d)]
     assert fused and all(m.kernel == "native" for m in fused)
     assert "kernel=native" in repr(fused[0])
+    for layer in fast.modules():
+        if hasattr(layer, "conv2"):
+            layer.conv2 = NativeGroupedConv2d.from_conv(layer.conv2)
+    for name, module in list(fast.features.named_children()):
+        if isinstance(module, torch.nn.AvgPool2d):
+            setattr(fast.features, name, NativeAvgPool2d())
+    assert any(isinstance(m, NativeAvgPool2d) for m in fast.modules())
     return fast
 
 
@@ -126,6 +202,8 @@ def test_every_path_runs_the_native_model(native, tmp_path):
         torch.testing.assert_close(torch.jit.script(fast)(x), expected, atol=1e-5, rtol=1e-5)
         exported = torch.export.export(fast, (x,))
         assert "lgconv.condensed_pointwise" in str(exported.graph)
+        assert "lgconv.grouped_conv3x3" in str(exported.graph)
+        assert "lgconv.avg_pool2x2" in str(exported.graph)
         torch.testing.assert_close(exported.module()(x), expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.compile(fast)(x), expected, atol=1e-5, rtol=1e-5)
         path = tmp_path / "native.onnx"
@@ -142,6 +220,7 @@ def test_count_flops_counts_the_kept_connections(native):
     report = lgconv.count_flops(_native_model(masked), inputs=x)
     assert report.total == lgconv.count_flops(grouped, inputs=x).total
     assert "lgconv::condensed_pointwise" not in report.unsupported
+    assert "lgconv::grouped_conv3x3" not in report.unsupported
 
 
 _RELOAD = """
@@ -152,6 +231,7 @@ x, expected = torch.load(sys.argv[2])
 with torch.no_grad():
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 kinds = {m.kernel for m in model.modules() if type(m).__name__ == "FusedCondensedConv2d"}
+kinds |= {type(m).__name__ for m in model.modules() if type(m).__name__.startswith("Native")}
 print(load_native(), sorted(kinds))
 """
 
@@ -178,7 +258,12 @@ def test_saved_native_model_runs_in_a_fresh_process(native, tmp_path, disabled):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(not disabled), "['native']"]
+    assert result.stdout.split() == [
+        str(not disabled),
+        "['NativeAvgPool2d',",
+        "'NativeGroupedConv2d',",
+        "'native']",
+    ]
 
 
 def test_inspect_shows_the_native_kernel(native, tmp_path):
@@ -194,3 +279,13 @@ def test_inspect_shows_the_native_kernel(native, tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(path)])
     assert result.exit_code == 0, result.output
     assert "FusedCondensedConv2d[native]" in result.output
+
+
+def test_export_onnx_tries_the_native_layers_plain_forms(native, tmp_path):
+    """export_onnx reads native 1x1 layers as grouped and native 3x3 convs as plain convs."""
+    masked = _condensenet()
+    x = torch.randn(1, 3, 16, 16)
+    report = lgconv.export_onnx(_native_model(masked), tmp_path / "native.onnx", x, repeats=1)
+    assert report.max_error < 1e-4
+    layers = {choice.name: choice for choice in report.layers}
+    assert set(layers["features.denseblock1.denselayer1.conv2"].candidates_ms) == {"grouped", "dense"}

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 DISABLE_VARIABLE = "LGCONV_NATIVE"  # set to 0 to keep the native kernels off (the reference runs)
-_SOURCE = Path(__file__).with_name("condensed_pointwise.cpp")
+_SOURCES = tuple(
+    Path(__file__).with_name(f) for f in ("condensed_pointwise.cpp", "grouped_conv3x3.cpp", "avg_pool2x2.cpp")
+)
 
 
 def _cpu_features() -> str:
@@ -41,7 +43,9 @@ def _flags() -> list[str]:
 
 def _extension_name(flags: list[str]) -> str:
     digest = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(flags).encode(), _cpu_features().encode()):
+    for source in _SOURCES:
+        digest.update(source.read_bytes())
+    for part in (" ".join(flags).encode(), _cpu_features().encode()):
         digest.update(part)
     digest.update(torch.__version__.encode())
     return f"lgconv_kernels_{digest.hexdigest()[:16]}"
@@ -71,7 +75,7 @@ def load_native() -> bool:
     try:
         cpp_extension.load(
             name,
-            [str(_SOURCE)],
+            [str(source) for source in _SOURCES],
             extra_cflags=flags,
             extra_ldflags=[],
             is_python_module=False,

@@ -139,6 +139,113 @@ std::vector<Block> output_blocks(int64_t outputs) {
   return blocks;
 }
 
+// Planes path (pixels innermost: NCHW, or channel slices of it). A gathered input is a whole row
+// of pixels, so the gather costs nothing: acc[o][j] (+)= w[o][k] * clamp(x[off[k] + j * W ...])
+// for OB outputs and PV vectors of W pixels, the weights read in their own (outputs, kept) layout.
+// w: OB row pointers; out: OB output row pointers (null: a padding row, not stored).
+template <int W, int OB, int PV>
+inline void plane_kernel(const float* x, const int64_t* off, const float* lo, const float* hi, int64_t K,
+                         const float* const* w, const float* bias, float* const* out, bool prefetch) {
+  using vec = typename Vec<W>::type;
+  vec acc[OB][PV];
+  for (int o = 0; o < OB; ++o)
+    for (int j = 0; j < PV; ++j) acc[o][j] = vec{} + bias[o];
+  for (int64_t k = 0; k < K; ++k) {
+    const float* src = x + off[k];
+    if (prefetch)  // the next chunk of this row: rows are too many streams for the hardware prefetcher
+      for (int j = 0; j < PV; ++j) __builtin_prefetch(src + (PV + j) * W);
+    vec xv[PV];
+    for (int j = 0; j < PV; ++j) xv[j] = *reinterpret_cast<const vec*>(src + j * W);
+    if (lo) {
+      const vec l = vec{} + lo[k];
+      for (int j = 0; j < PV; ++j) xv[j] = xv[j] < l ? l : xv[j];
+    }
+    if (hi) {
+      const vec h = vec{} + hi[k];
+      for (int j = 0; j < PV; ++j) xv[j] = xv[j] > h ? h : xv[j];
+    }
+    for (int o = 0; o < OB; ++o) {
+      const float wk = w[o][k];
+      for (int j = 0; j < PV; ++j) acc[o][j] += wk * xv[j];
+    }
+  }
+  for (int o = 0; o < OB; ++o)
+    if (out[o])
+      for (int j = 0; j < PV; ++j) *reinterpret_cast<vec*>(out[o] + j * W) = acc[o][j];
+}
+
+#if defined(__AVX512F__)
+constexpr int kPlaneOutputs = 8;  // 8 x 3 accumulators of 16 pixels
+#else
+constexpr int kPlaneOutputs = 4;  // 4 x 3 accumulators of 8 pixels
+#endif
+constexpr int kPlaneVectors = 3;
+
+// The whole op on pixel planes: every (image, group, block of outputs, chunk of pixels) is one
+// work item. Chunks are kPlaneVectors vectors; a plane's last partial vector is copied, zero
+// padded, into a small buffer first so that every load is a whole vector.
+void plane_pointwise(const float* x, int64_t N, int64_t HW, int64_t s0, const int64_t* offset, const float* lo,
+                     const float* hi, int64_t groups, int64_t kept, const float* weight, const float* bias,
+                     const int64_t* dest, int64_t group_outputs, float* y, int64_t o0, int64_t o1) {
+  constexpr int W = kWide, OB = kPlaneOutputs, PV = kPlaneVectors;
+  const int64_t chunk = W * PV;
+  const int64_t chunks = (HW + chunk - 1) / chunk;
+  const int64_t blocks = (group_outputs + OB - 1) / OB;
+  const int64_t items = N * chunks * groups * blocks;
+  const std::vector<float> zeros(std::max<int64_t>(kept, 1), 0.0f);
+  const float zero_bias[OB] = {};
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kept * OB * chunk));
+  at::parallel_for(0, items, grain, [&](int64_t first, int64_t last) {
+    std::vector<float> tail(std::max<int64_t>(kept, 1) * W), tail_out(OB * W);
+    std::vector<int64_t> tail_off(std::max<int64_t>(kept, 1));
+    for (int64_t k = 0; k < kept; ++k) tail_off[k] = k * W;
+    for (int64_t item = first; item < last; ++item) {
+      // Chunks innermost: one thread streams along the same rows, with the same weights in cache.
+      const int64_t c = item % chunks, b = (item / chunks) % blocks, g = (item / (chunks * blocks)) % groups,
+                    n = item / (chunks * blocks * groups);
+      const int64_t p0 = c * chunk, count = std::min(chunk, HW - p0);
+      const float* w[OB];
+      float bias_block[OB];
+      int64_t rows[OB];
+      const int64_t o_first = b * OB;
+      for (int o = 0; o < OB; ++o) {
+        const bool real = o_first + o < group_outputs;
+        const int64_t r = g * group_outputs + o_first + o;
+        w[o] = real ? weight + r * kept : zeros.data();
+        bias_block[o] = real && bias ? bias[r] : zero_bias[o];
+        rows[o] = real ? n * o0 + dest[r] * o1 : -1;
+      }
+      const float* xs = x + n * s0 + p0;
+      const int64_t* off = offset + g * kept;
+      const float* l = lo ? lo + g * kept : nullptr;
+      const float* h = hi ? hi + g * kept : nullptr;
+      float* out[OB];
+      if (count == chunk) {
+        for (int o = 0; o < OB; ++o) out[o] = rows[o] < 0 ? nullptr : y + rows[o] + p0;
+        plane_kernel<W, OB, PV>(xs, off, l, h, kept, w, bias_block, out, p0 + 2 * chunk <= HW);
+        continue;
+      }
+      int64_t p = 0;
+      for (; p + W <= count; p += W) {
+        for (int o = 0; o < OB; ++o) out[o] = rows[o] < 0 ? nullptr : y + rows[o] + p0 + p;
+        plane_kernel<W, OB, 1>(xs + p, off, l, h, kept, w, bias_block, out, false);
+      }
+      if (p < count) {  // the last partial vector of the plane, through the padded buffer
+        const int64_t r = count - p;
+        for (int64_t k = 0; k < kept; ++k) {
+          const float* src = xs + off[k] + p;
+          std::copy(src, src + r, tail.data() + k * W);
+          std::fill(tail.data() + k * W + r, tail.data() + (k + 1) * W, 0.0f);
+        }
+        for (int o = 0; o < OB; ++o) out[o] = tail_out.data() + o * W;
+        plane_kernel<W, OB, 1>(tail.data(), tail_off.data(), l, h, kept, w, bias_block, out, false);
+        for (int o = 0; o < OB; ++o)
+          if (rows[o] >= 0) std::copy(tail_out.data() + o * W, tail_out.data() + o * W + r, y + rows[o] + p0 + p);
+      }
+    }
+  });
+}
+
 at::Tensor output_like(const at::Tensor& input, int64_t out_channels) {
   bool channels_last = input.size(1) > 1 && input.stride(1) == 1;
   return at::empty({input.size(0), out_channels, input.size(2), input.size(3)},
@@ -188,23 +295,9 @@ at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& in
   const int64_t padded = (group_outputs + 7) / 8 * 8;  // outputs per group, padded to whole vectors
   const std::vector<Block> blocks = output_blocks(padded);
 
-  // Weights transposed per group to (kept, padded outputs) and zero-padded; bias padded alike.
   at::Tensor wc = weight.contiguous();
-  const float* wsrc = wc.data_ptr<float>();
-  std::vector<float> packed_w(groups * kept * padded, 0.0f), packed_b(groups * padded, 0.0f);
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t o = 0; o < group_outputs; ++o) {
-      const float* row = wsrc + (g * group_outputs + o) * kept;
-      float* col = packed_w.data() + g * kept * padded + o;
-      for (int64_t k = 0; k < kept; ++k) col[k * padded] = row[k];
-    }
-  if (bias.has_value()) {
-    at::Tensor bc = bias->contiguous();
-    TORCH_CHECK(bc.numel() == out_channels, "condensed_pointwise: bias must have one value per output");
-    for (int64_t g = 0; g < groups; ++g)
-      std::copy(bc.data_ptr<float>() + g * group_outputs, bc.data_ptr<float>() + (g + 1) * group_outputs,
-                packed_b.data() + g * padded);
-  }
+  at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  TORCH_CHECK(!bc.defined() || bc.numel() == out_channels, "condensed_pointwise: bias must have one value per output");
   at::Tensor lo = low.has_value() ? low->contiguous() : at::Tensor();
   at::Tensor hi = high.has_value() ? high->contiguous() : at::Tensor();
   TORCH_CHECK((!lo.defined() || lo.numel() == kept * groups) && (!hi.defined() || hi.numel() == kept * groups),
@@ -226,6 +319,31 @@ at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& in
   }
 
   at::Tensor output = output_like(input, out_channels);
+  if (input.stride(3) == 1 && input.stride(2) == W && (input.stride(1) != 1 || C == 1) && H * W >= kWide &&
+      output.stride(3) == 1 && output.stride(2) == W) {
+    const int64_t s1p = input.stride(1);
+    std::vector<int64_t> plane_offset(idx.numel());
+    for (int64_t j = 0; j < idx.numel(); ++j) plane_offset[j] = pidx[j] * s1p;
+    plane_pointwise(input.data_ptr<float>(), N, H * W, input.stride(0), plane_offset.data(),
+                    lo.defined() ? lo.data_ptr<float>() : nullptr, hi.defined() ? hi.data_ptr<float>() : nullptr,
+                    groups, kept, wc.data_ptr<float>(), bc.defined() ? bc.data_ptr<float>() : nullptr, dest.data(),
+                    group_outputs, output.data_ptr<float>(), output.stride(0), output.stride(1));
+    return output;
+  }
+  // Weights transposed per group to (kept, padded outputs) and zero-padded; bias padded alike.
+  const float* wsrc = wc.data_ptr<float>();
+  std::vector<float> packed_w(groups * kept * padded, 0.0f), packed_b(groups * padded, 0.0f);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t o = 0; o < group_outputs; ++o) {
+      const float* row = wsrc + (g * group_outputs + o) * kept;
+      float* col = packed_w.data() + g * kept * padded + o;
+      for (int64_t k = 0; k < kept; ++k) col[k * padded] = row[k];
+    }
+  if (bc.defined()) {
+    for (int64_t g = 0; g < groups; ++g)
+      std::copy(bc.data_ptr<float>() + g * group_outputs, bc.data_ptr<float>() + (g + 1) * group_outputs,
+                packed_b.data() + g * padded);
+  }
   const float* x = input.data_ptr<float>();
   float* y = output.data_ptr<float>();
   const float* pw = packed_w.data();

@@ -6,6 +6,8 @@ from lgconv.layers.fused_condensed_conv import DenseGroupedConv2d, Folded, Fused
 from lgconv.layers.learned_group import LearnedGroupMixin
 from lgconv.layers.learned_group_conv import LearnedGroupConv, LearnedGroupConv1d, LearnedGroupConv3d
 from lgconv.layers.learned_group_linear import LearnedGroupLinear
+from lgconv.layers.native_avg_pool import NativeAvgPool2d
+from lgconv.layers.native_grouped_conv import NativeGroupedConv2d
 
 __all__ = [
     "CondensedConv1d",
@@ -20,4 +22,6 @@ __all__ = [
     "LearnedGroupConv3d",
     "LearnedGroupLinear",
     "LearnedGroupMixin",
+    "NativeAvgPool2d",
+    "NativeGroupedConv2d",
 ]

@@ -1,0 +1,34 @@
+"""The ``lgconv::avg_pool2x2`` op: 2x2 average pooling, stride 2, on pixel planes.
+
+ATen's ``avg_pool2d`` is several times slower on NCHW tensors than on channels-last ones, and
+CondenseNet's transitions pool whole block outputs. The native CPU kernel (``avg_pool2x2.cpp``) runs
+float32 planes; everything else, and builds without the kernel, run the reference below.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional
+
+AVG_POOL_OP = "lgconv::avg_pool2x2"
+
+
+def _output_format(input: Tensor) -> torch.memory_format:
+    return torch.channels_last if input.shape[1] > 1 and input.stride(1) == 1 else torch.contiguous_format
+
+
+def avg_pool2x2_reference(input: Tensor) -> Tensor:
+    """What the op computes: ``avg_pool2d(input, 2)`` (stride 2, no padding, floor mode)."""
+    return functional.avg_pool2d(input, 2).contiguous(memory_format=_output_format(input))
+
+
+def _fake(input: Tensor) -> Tensor:
+    batch, channels, height, width = input.shape
+    shape = (batch, channels, height // 2, width // 2)
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=_output_format(input))
+
+
+torch.library.define(AVG_POOL_OP, "(Tensor input) -> Tensor")
+torch.library.impl(AVG_POOL_OP, "CompositeExplicitAutograd", avg_pool2x2_reference)
+torch.library.register_fake(AVG_POOL_OP, _fake)

@@ -407,27 +407,28 @@ def _runtime_ms(
     forms: dict[str, nn.Module], x: Tensor, runtime: str, folder: Path, repeats: int, dynamic: bool = False
 ) -> dict[str, float]:
     """Ms per call of every form exported alone and run by ``runtime`` on ``x``: the fastest of
-    ``repeats`` interleaved rounds, each filling at least 1 ms (other load only ever adds time, so
-    the minimum is the steadiest estimate on a busy machine)."""
-    runners = []
-    for i, module in enumerate(forms.values()):
+    ``repeats`` samples of at least 1 ms (other load only ever adds time, so the minimum is the
+    steadiest estimate). Each form's session is timed alone and closed before the next is built,
+    with the runtime's threading as served: no other session's threads spin meanwhile."""
+    array = x.detach().contiguous().numpy()
+    times = {}
+    for i, (name, module) in enumerate(forms.items()):
         path = folder / f"trial{i}.onnx"
         to_onnx(module, x, path, dynamic_batch=dynamic)
-        # Passive: a session's threads must not spin on while the next candidate is timed.
-        runners.append(compile_onnx(path, runtime, passive=True))
-    array = x.detach().contiguous().numpy()
-    start = time.perf_counter()
-    for run in runners:
-        run(array)  # warm-up, and the time of one call of each
-    calls = max(1, math.ceil(_MIN_SAMPLE_S * len(runners) / max(time.perf_counter() - start, 1e-9)))
-    best = [math.inf] * len(runners)
-    for _ in range(repeats):
-        for i, run in enumerate(runners):
+        run = compile_onnx(path, runtime)
+        run(array)  # warm-up
+        start = time.perf_counter()
+        run(array)
+        calls = max(1, math.ceil(_MIN_SAMPLE_S / max(time.perf_counter() - start, 1e-9)))
+        best = math.inf
+        for _ in range(repeats):
             start = time.perf_counter()
             for _ in range(calls):
                 run(array)
-            best[i] = min(best[i], (time.perf_counter() - start) / calls * 1e3)
-    return dict(zip(forms, best))
+            best = min(best, (time.perf_counter() - start) / calls * 1e3)
+        times[name] = best
+        del run  # closes the session and joins its threads
+    return times
 
 
 def _relative_error(actual: np.ndarray, expected: Tensor) -> float:

@@ -11,22 +11,20 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
+from lgconv.kernels.pointwise import output_format
+
 AVG_POOL_OP = "lgconv::avg_pool2x2"
-
-
-def _output_format(input: Tensor) -> torch.memory_format:
-    return torch.channels_last if input.shape[1] > 1 and input.stride(1) == 1 else torch.contiguous_format
 
 
 def avg_pool2x2_reference(input: Tensor) -> Tensor:
     """What the op computes: ``avg_pool2d(input, 2)`` (stride 2, no padding, floor mode)."""
-    return functional.avg_pool2d(input, 2).contiguous(memory_format=_output_format(input))
+    return functional.avg_pool2d(input, 2).contiguous(memory_format=output_format(input))
 
 
 def _fake(input: Tensor) -> Tensor:
     batch, channels, height, width = input.shape
     shape = (batch, channels, height // 2, width // 2)
-    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=_output_format(input))
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=output_format(input))
 
 
 torch.library.define(AVG_POOL_OP, "(Tensor input) -> Tensor")

@@ -13,12 +13,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
+from lgconv.kernels.pointwise import output_format
+
 GROUPED_CONV_OP = "lgconv::grouped_conv3x3"
 _SCHEMA = "(Tensor input, Tensor weight, Tensor? bias, int groups) -> Tensor"
-
-
-def _output_format(input: Tensor) -> torch.memory_format:
-    return torch.channels_last if input.shape[1] > 1 and input.stride(1) == 1 else torch.contiguous_format
 
 
 def grouped_conv3x3_reference(
@@ -29,13 +27,13 @@ def grouped_conv3x3_reference(
 ) -> Tensor:
     """What the op computes: ``conv2d(input, weight, bias, padding=1, groups=groups)``."""
     output = functional.conv2d(input, weight, bias, padding=1, groups=groups)
-    return output.contiguous(memory_format=_output_format(input))
+    return output.contiguous(memory_format=output_format(input))
 
 
 def _fake(input: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:  # noqa: UP045
     batch, _, height, width = input.shape
     shape = (batch, weight.shape[0], height, width)
-    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=_output_format(input))
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=output_format(input))
 
 
 torch.library.define(GROUPED_CONV_OP, _SCHEMA)

@@ -21,7 +21,7 @@ _SCHEMA = (
 )
 
 
-def _output_format(input: Tensor) -> torch.memory_format:
+def output_format(input: Tensor) -> torch.memory_format:
     """Channels-last output for an input whose channels are its innermost dimension (as the kernel)."""
     return torch.channels_last if input.shape[1] > 1 and input.stride(1) == 1 else torch.contiguous_format
 
@@ -54,7 +54,7 @@ def condensed_pointwise_reference(
     if order is not None:
         output = output.index_select(1, order)
     result = torch.empty(
-        output.shape, dtype=output.dtype, device=output.device, memory_format=_output_format(input)
+        output.shape, dtype=output.dtype, device=output.device, memory_format=output_format(input)
     )
     return result.copy_(output)
 
@@ -71,7 +71,7 @@ def _fake(
 ) -> Tensor:
     batch, _, height, width = input.shape
     shape = (batch, weight.shape[0], height, width)
-    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=_output_format(input))
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=output_format(input))
 
 
 torch.library.define(OP_NAME, _SCHEMA)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gzip
 import hashlib
 import json
 import math
@@ -40,9 +39,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))  # its idx reader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's lgconv first
 
 import _timing  # noqa: E402
+from _cli import CliError, run  # noqa: E402
+from condensenet_data import DataUnavailable, read_idx  # noqa: E402
 
 import lgconv  # noqa: E402
 from lgconv.models.condensenet import CondenseNet, condense_network  # noqa: E402
@@ -54,12 +56,6 @@ FILES = {
 }
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "accuracy.json"
 IMAGE_SIZE = (1, 28, 28)
-
-
-class CliError(click.ClickException):
-    """A one-line error; the script exits with status 2."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -130,29 +126,17 @@ class Data:
         return (images.float().div(255) - self.mean) / self.std
 
 
-def read_idx(folder: Path, stem: str) -> np.ndarray:
-    """One idx file (``stem`` or ``stem.gz``) as an array of its declared shape."""
-    for path in (folder / f"{stem}.gz", folder / stem):
-        if path.exists():
-            raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-            dims = raw[3]
-            shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
-            return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
-    raise CliError(
-        f"Fashion-MNIST file {stem}(.gz) is not in {folder}: `apt-get install dataset-fashion-mnist`, "
-        "or download the four idx files from https://github.com/zalandoresearch/fashion-mnist "
-        "(torchvision.datasets.FashionMNIST(root, download=True) fetches them too) and pass --data-dir"
-    )
-
-
 def load_data(folder: Path, recipe: Recipe) -> Data:
     """A fixed random training subset (the same for every arm and seed) and the first test images."""
     split = {}
-    for name, (images, labels) in FILES.items():
-        split[name] = (
-            torch.from_numpy(read_idx(folder, images).copy()).unsqueeze(1),
-            torch.from_numpy(read_idx(folder, labels).astype(np.int64)),
-        )
+    try:
+        for name, (images, labels) in FILES.items():
+            split[name] = (
+                torch.from_numpy(read_idx(folder, images).copy()).unsqueeze(1),
+                torch.from_numpy(read_idx(folder, labels).astype(np.int64)),
+            )
+    except DataUnavailable as error:
+        raise CliError(str(error)) from None
     keep = torch.randperm(len(split["train"][1]), generator=torch.Generator().manual_seed(recipe.subset_seed))
     keep = keep[: recipe.train_images]
     train_images, train_labels = split["train"][0][keep], split["train"][1][keep]
@@ -818,12 +802,7 @@ def cli(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for tests and ``python benchmarks/accuracy.py``: the exit status."""
-    try:
-        cli.main(argv, standalone_mode=False)
-    except click.ClickException as error:
-        error.show()
-        return error.exit_code
-    return 0
+    return run(cli, argv)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,7 @@ BEGIN, END = "<!-- accuracy-report:begin -->", "<!-- accuracy-report:end -->"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _timing  # noqa: E402
-
-
-class CliError(click.ClickException):
-    exit_code = 2
+from _cli import CliError, run  # noqa: E402
 
 
 def by_arm(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -238,12 +235,7 @@ def cli(json_path: Path, markdown: Path, plot_path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cli.main(argv, standalone_mode=False)
-    except click.ClickException as error:
-        error.show()
-        return error.exit_code
-    return 0
+    return run(cli, argv)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def _digits(seed: int) -> ImageData:
     )
 
 
-def _read_idx(folder: Path, stem: str) -> np.ndarray:
+def read_idx(folder: Path, stem: str) -> np.ndarray:
     """An idx file (``stem`` or ``stem.gz``) as a numpy array of its declared shape."""
     for path in (folder / f"{stem}.gz", folder / stem):
         if path.exists():
@@ -119,8 +119,8 @@ def _read_idx(folder: Path, stem: str) -> np.ndarray:
 def _fashion_mnist(folder: Path) -> ImageData:
     splits = {}
     for split, (image_file, label_file) in FASHION_MNIST_FILES.items():
-        images = torch.from_numpy(_read_idx(folder, image_file).copy()).unsqueeze(1)
-        labels = torch.from_numpy(_read_idx(folder, label_file).astype(np.int64))
+        images = torch.from_numpy(read_idx(folder, image_file).copy()).unsqueeze(1)
+        labels = torch.from_numpy(read_idx(folder, label_file).astype(np.int64))
         splits[split] = Split(images, labels)
     return ImageData("fashion-mnist", splits["train"], splits["test"], 10, flip=True)
 

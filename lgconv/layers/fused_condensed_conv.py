@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lgconv import kernels
 from lgconv.layers.conv_geometry import conv_geometry
+from lgconv.layers.onnx_export import exporting_onnx
 
 KERNELS: tuple[str, ...] = ("grouped", "dense", "dense_kept", "matmul", "native")
 CLAMPS: tuple[str | None, ...] = (None, "low", "high", "both")  # which per-channel bounds the input gets
@@ -133,7 +134,8 @@ class FusedCondensedConv2d(nn.Module):
         return cls(**config)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.kernel == "native" and self.index is not None and not self._exporting_onnx():
+        # ONNX has no such op: its exporters record the grouped form below (same function).
+        if self.kernel == "native" and self.index is not None and not exporting_onnx():
             return torch.ops.lgconv.condensed_pointwise(
                 input,
                 self.index,
@@ -159,13 +161,6 @@ class FusedCondensedConv2d(nn.Module):
         if self.order is not None:
             output = output.index_select(1, self.order)
         return output
-
-    @staticmethod
-    def _exporting_onnx() -> bool:
-        """ONNX has no such op: its exporters record the grouped form (same function) instead."""
-        if torch.jit.is_scripting():
-            return False
-        return torch.onnx.is_in_onnx_export()
 
     def extra_repr(self) -> str:
         gathered = "all" if self.index is None else self.index.numel()

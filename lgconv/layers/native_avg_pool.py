@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lgconv import kernels
+from lgconv.layers.onnx_export import exporting_onnx
 
 
 def computes_avg_pool2x2(pool: nn.Module) -> bool:
@@ -46,12 +47,6 @@ class NativeAvgPool2d(nn.Module):
         return cls(**config)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self._exporting_onnx():
+        if exporting_onnx():
             return nn.functional.avg_pool2d(input, 2)  # ONNX has no such op: record the pool
         return torch.ops.lgconv.avg_pool2x2(input)
-
-    @staticmethod
-    def _exporting_onnx() -> bool:
-        if torch.jit.is_scripting():
-            return False
-        return torch.onnx.is_in_onnx_export()

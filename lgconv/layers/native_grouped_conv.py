@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lgconv import kernels
 from lgconv.layers.conv_geometry import conv_geometry
+from lgconv.layers.onnx_export import exporting_onnx
 
 
 def computes_grouped_conv3x3(conv: nn.Conv2d) -> bool:
@@ -76,13 +77,6 @@ class NativeGroupedConv2d(nn.Conv2d):
         return cls(**config)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self._exporting_onnx():
+        if exporting_onnx():
             return self._conv_forward(input, self.weight, self.bias)
         return torch.ops.lgconv.grouped_conv3x3(input, self.weight, self.bias, self.groups)
-
-    @staticmethod
-    def _exporting_onnx() -> bool:
-        """ONNX has no such op: its exporters record the plain conv (same function) instead."""
-        if torch.jit.is_scripting():
-            return False
-        return torch.onnx.is_in_onnx_export()

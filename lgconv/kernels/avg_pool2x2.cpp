@@ -9,9 +9,11 @@
 
 #include <cstdint>
 
+#include "kernel_common.h"
+
 namespace {
 
-bool channels_last(const at::Tensor& input) { return input.size(1) > 1 && input.stride(1) == 1; }
+using lgconv_kernels::channels_last;
 
 at::Tensor avg_pool2x2_cpu(const at::Tensor& input) {
   TORCH_CHECK(input.dim() == 4, "avg_pool2x2: input must be (N, C, H, W), got ", input.sizes());

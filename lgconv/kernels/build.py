@@ -22,6 +22,7 @@ DISABLE_VARIABLE = "LGCONV_NATIVE"  # set to 0 to keep the native kernels off (t
 _SOURCES = tuple(
     Path(__file__).with_name(f) for f in ("condensed_pointwise.cpp", "grouped_conv3x3.cpp", "avg_pool2x2.cpp")
 )
+_HEADERS = (Path(__file__).with_name("kernel_common.h"),)  # included by the sources: part of the digest
 
 
 def _cpu_features() -> str:
@@ -43,7 +44,7 @@ def _flags() -> list[str]:
 
 def _extension_name(flags: list[str]) -> str:
     digest = hashlib.sha256()
-    for source in _SOURCES:
+    for source in (*_SOURCES, *_HEADERS):
         digest.update(source.read_bytes())
     for part in (" ".join(flags).encode(), _cpu_features().encode()):
         digest.update(part)

@@ -17,22 +17,17 @@
 #include <optional>
 #include <vector>
 
+#include "kernel_common.h"
+
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kAccumulators = 24;  // 32 vector registers: 24 accumulators, the rest for operands
-constexpr int kWide = 16;          // floats per widest vector
-#else
-constexpr int kAccumulators = 12;  // 16 vector registers (AVX2, NEON)
-constexpr int kWide = 8;
-#endif
+using lgconv_kernels::channels_last;
+using lgconv_kernels::kAccumulators;
+using lgconv_kernels::kWide;
+using lgconv_kernels::Vec;
+
 constexpr int64_t kTile = 48;        // pixels per tile: a multiple of every micro-block's pixel count
 constexpr int64_t kChunkBytes = 16384;  // weights of one block and one chunk of inputs stay in L1
-
-template <int W>
-struct Vec {
-  typedef float type __attribute__((vector_size(W * sizeof(float)), aligned(4)));
-};
 
 // acc[p][:] (+)= bias + a[p][k] * w[k][:] over k in [0, K) for P pixels and V vectors of W outputs.
 // a: P rows of packed inputs (row stride lda); w: K rows of weights (row stride ldw); out rows ldo.
@@ -247,9 +242,8 @@ void plane_pointwise(const float* x, int64_t N, int64_t HW, int64_t s0, const in
 }
 
 at::Tensor output_like(const at::Tensor& input, int64_t out_channels) {
-  bool channels_last = input.size(1) > 1 && input.stride(1) == 1;
   return at::empty({input.size(0), out_channels, input.size(2), input.size(3)},
-                   input.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                   input.options().memory_format(channels_last(input) ? at::MemoryFormat::ChannelsLast
                                                                : at::MemoryFormat::Contiguous));
 }
 

@@ -16,20 +16,14 @@
 #include <optional>
 #include <vector>
 
+#include "kernel_common.h"
+
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kWide = 16;
-constexpr int kAccumulators = 24;
-#else
-constexpr int kWide = 8;
-constexpr int kAccumulators = 12;
-#endif
-
-template <int W>
-struct Vec {
-  typedef float type __attribute__((vector_size(W * sizeof(float)), aligned(4)));
-};
+using lgconv_kernels::channels_last;
+using lgconv_kernels::kAccumulators;
+using lgconv_kernels::kWide;
+using lgconv_kernels::Vec;
 
 // acc[o][j] = bias[o] + sum over inputs and taps of w[o][tap] * pad[input][q + shift(tap) + j * W],
 // stored to out + o * ldo + j * W. w: OB rows of (inputs * 9) weights.
@@ -80,8 +74,6 @@ Shape shape_for(int64_t group_outputs) {
   if (group_outputs >= 2) return {2, vectors_for<2>(), tile<2, vectors_for<2>()>};
   return {1, vectors_for<1>(), tile<1, vectors_for<1>()>};
 }
-
-bool channels_last(const at::Tensor& input) { return input.size(1) > 1 && input.stride(1) == 1; }
 
 at::Tensor reference(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      int64_t groups) {

@@ -18,6 +18,7 @@ import lgconv
 from lgconv.kernels import (
     DISABLE_VARIABLE,
     avg_pool2x2_reference,
+    build,
     condensed_pointwise_reference,
     grouped_conv3x3_reference,
     load_native,
@@ -85,6 +86,43 @@ def test_native_equals_reference(native, args):
 @given(args=op_arguments(torch.float64))
 def test_other_dtypes_take_the_aten_path(native, args):
     torch.testing.assert_close(op(*args), condensed_pointwise_reference(*args), atol=1e-12, rtol=1e-12)
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads for one test: the kernels split their work between them."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_kernels_split_between_threads_compute_the_same(native, two_threads, memory_format):
+    """Shapes with many more work items than one thread's share, so every op runs split in two."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 23, 29, generator=generator).contiguous(memory_format=memory_format)
+    index = torch.cat([torch.randperm(40, generator=generator)[:10] for _ in range(4)])
+    weight, bias = torch.randn(36, 10, 1, 1, generator=generator), torch.randn(36, generator=generator)
+    low = torch.randn(40, generator=generator)
+    order = torch.randperm(36, generator=generator)
+    args = (x, index, weight, bias, low, None, order, 4)
+    conv_args = (x, torch.randn(16, 10, 3, 3, generator=generator), None, 4)
+    with torch.inference_mode():
+        torch.testing.assert_close(op(*args), condensed_pointwise_reference(*args), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            conv3x3(*conv_args), grouped_conv3x3_reference(*conv_args), atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(avg_pool(x), avg_pool2x2_reference(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(
+    sys.platform == "darwin" or not torch.backends.openmp.is_available(),
+    reason="torch runs without OpenMP here",
+)
+def test_kernels_build_with_torchs_openmp_so_they_run_on_every_thread():
+    """``at::parallel_for`` compiles serial without ``-fopenmp``: the kernels would use one core."""
+    assert "-fopenmp" in build._flags() and "-fopenmp" in build._threading_flags()
 
 
 @st.composite

@@ -39,7 +39,16 @@ def _cpu_features() -> str:
 def _flags() -> list[str]:
     machine = platform.machine().lower()
     tuning = ["-march=native"] if machine in ("x86_64", "amd64", "i686") else ["-mcpu=native"]
-    return ["-O3", *tuning, "-ffp-contract=fast"]
+    return ["-O3", *tuning, "-ffp-contract=fast", *_threading_flags()]
+
+
+def _threading_flags() -> list[str]:
+    """``-fopenmp`` where torch runs its threads with OpenMP: ``at::parallel_for`` is a header
+    template, so without it the kernels compile serial. The extension then shares torch's own
+    OpenMP runtime (same soname, already loaded) and its thread count. Apple's clang has no OpenMP."""
+    if sys.platform == "darwin" or not torch.backends.openmp.is_available():
+        return []
+    return ["-fopenmp"]
 
 
 def _extension_name(flags: list[str]) -> str:
@@ -78,7 +87,7 @@ def load_native() -> bool:
             name,
             [str(source) for source in _SOURCES],
             extra_cflags=flags,
-            extra_ldflags=[],
+            extra_ldflags=_threading_flags(),
             is_python_module=False,
             verbose=False,
         )

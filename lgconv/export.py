@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
+from lgconv.gather_folding import fold_gathers_into_producers
 from lgconv.inference import (
     _MIN_SAMPLE_S,
     _build,
@@ -108,7 +109,9 @@ class ExportReport:
     """What ``export_onnx`` wrote: per layer the representation and its time alone, the whole-graph
     trials in ms (``"per layer"``: each layer's fastest form; ``"dense"``, ``"dense_kept"``,
     ``"grouped"``: every condensed layer in that form where it has it), the trial kept, and the
-    largest relative difference from the PyTorch model in the runtime."""
+    largest relative difference from the PyTorch model in the runtime. ``folded_gathers``: layers
+    whose input gather went into the conv producing their input; ``folded_orders``: layers whose
+    output order went into the next layer's weights."""
 
     path: Path
     runtime: str
@@ -118,6 +121,7 @@ class ExportReport:
     chosen: str
     max_error: float
     folded_orders: tuple[str, ...] = field(default=())
+    folded_gathers: tuple[str, ...] = field(default=())
 
     def __str__(self) -> str:
         shape = "x".join(map(str, self.input_shape))
@@ -129,6 +133,8 @@ class ExportReport:
             lines.append(f"  {layer.name:<{width}}  {layer.representation:<16} {layer.ms:8.3f}  {others}")
         trials = ", ".join(f"{k} {v:.2f} ms" for k, v in self.trials_ms.items())
         lines.append(f"whole graph: {trials}; kept {self.chosen!r}")
+        if self.folded_gathers:
+            lines.append(f"input gathers folded into the producing conv: {len(self.folded_gathers)}")
         if self.folded_orders:
             lines.append(f"output orders folded into the next layer: {len(self.folded_orders)}")
         lines.append(f"max relative error vs PyTorch in {self.runtime}: {self.max_error:.1e}")
@@ -354,6 +360,8 @@ def _candidates(item: _Folded, absorbable: bool) -> tuple[dict[str, nn.Module], 
     leftover = None
     if layer.groups > 1:
         grouped = _build(item, "grouped")
+        if grouped.index is not None and torch.equal(grouped.index.cpu(), torch.arange(layer.in_channels)):
+            grouped.index = None  # its gather was folded into the producer: the input comes in order
         order = grouped.order
         if order is None:
             forms["grouped"] = grouped
@@ -437,9 +445,11 @@ def _relative_error(actual: np.ndarray, expected: Tensor) -> float:
     return float(np.abs(actual.astype(np.float32) - expected).max() / scale)
 
 
-def _export_form(model: nn.Module) -> tuple[nn.Module, dict[str, _Folded]]:
-    """A copy of ``model`` for export: batch norms folded into every condensed layer, the layers
-    described by their folded weights, CondenseNet dense blocks concatenating (as graphs do best)."""
+def _export_form(model: nn.Module) -> tuple[nn.Module, dict[str, _Folded], list[str]]:
+    """A copy of ``model`` for export: input gathers folded into their producing convs where the
+    maths allows, batch norms folded into every condensed layer, the layers described by their
+    folded weights, CondenseNet dense blocks concatenating (as graphs do best); and the layers
+    whose gathers were folded."""
     from lgconv.models.condensenet import DenseBlock
 
     export = copy.deepcopy(model).eval()
@@ -449,6 +459,7 @@ def _export_form(model: nn.Module) -> tuple[nn.Module, dict[str, _Folded]]:
     for name, module in list(export.named_modules()):
         if isinstance(module, NativeGroupedConv2d):  # a plain conv again, so its forms are tried
             _set(export, name, _plain_conv(module))
+    gathers = fold_gathers_into_producers(export)
     folded = fold_neighbours(export)
     for name, module in list(export.named_modules()):
         if isinstance(module, CondensedConvNd) and not isinstance(module, CondensedConv2d):
@@ -456,7 +467,7 @@ def _export_form(model: nn.Module) -> tuple[nn.Module, dict[str, _Folded]]:
     for name, module in export.named_modules():
         if isinstance(module, FusedCondensedConv2d):
             folded[name] = _folded_from_fused(module)
-    return export, folded
+    return export, folded, gathers
 
 
 def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
@@ -517,7 +528,7 @@ def export_onnx(
         ) from None
     if not isinstance(reference, Tensor):
         raise TypeError("export_onnx exports models with one tensor output")
-    export, folded = _export_form(reference_model)
+    export, folded, gathers = _export_form(reference_model)
     for name, item in folded.items():
         _set(export, name, _build(item, "dense"))
     absorbers = _order_absorbers(export, list(folded))
@@ -566,7 +577,15 @@ def export_onnx(
         sorted(n for n in leftovers if n in {c.name for c in choices if c.representation == "grouped"})
     )
     return ExportReport(
-        target, runtime, tuple(example.shape), tuple(choices), trials, chosen, error, folded_orders
+        target,
+        runtime,
+        tuple(example.shape),
+        tuple(choices),
+        trials,
+        chosen,
+        error,
+        folded_orders,
+        tuple(gathers),
     )
 
 

@@ -146,7 +146,7 @@ def test_every_mix_of_representations_computes_the_model(width, groups, layout, 
     x = torch.randn(3, 3, 6, 6)
     with torch.no_grad():
         expected = model(x)
-    form, folded = export._export_form(model)
+    form, folded, _ = export._export_form(model)
     for name, item in folded.items():
         export._set(form, name, export._build(item, "dense"))
     absorbers = export._order_absorbers(form, list(folded))

@@ -19,7 +19,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
+from lgconv.channel_streams import Stream, find_streams
 from lgconv.gather_folding import fold_gathers_into_producers
 from lgconv.inference import (
     _MIN_SAMPLE_S,
@@ -349,9 +350,12 @@ def _folded_from_fused(fused: FusedCondensedConv2d) -> _Folded:
     return _Folded(layer, dense, conv.bias.detach().double()[order], bounds[0], bounds[1])
 
 
-def _candidates(item: _Folded, absorbable: bool) -> tuple[dict[str, nn.Module], Tensor | None]:
+def _candidates(
+    item: _Folded, absorbable: bool, streamable: bool = False
+) -> tuple[dict[str, nn.Module], Tensor | None]:
     """Every exportable form of one folded condensed layer, and the output order left to fold into
-    the next layer (when ``absorbable``), which the ``grouped`` candidate then leaves out."""
+    the next layer (``absorbable``) or into its channel stream (``streamable``), which the
+    ``grouped`` candidate then leaves out; a stream's layer keeps ``grouped+shuffle`` as fallback."""
     layer = item.layer
     forms: dict[str, nn.Module] = {"dense": _build(item, "dense")}
     kept = _build(item, "dense_kept")
@@ -367,11 +371,11 @@ def _candidates(item: _Folded, absorbable: bool) -> tuple[dict[str, nn.Module], 
             forms["grouped"] = grouped
         else:
             grouped.order = None
-            if absorbable:
+            if absorbable or streamable:
                 forms["grouped"], leftover = grouped, order
-            elif torch.equal(order.cpu(), _shuffle_order(layer.out_channels, layer.groups)):
+            if not absorbable and torch.equal(order.cpu(), _shuffle_order(layer.out_channels, layer.groups)):
                 shuffle = ChannelShuffle(layer.groups, layer.out_channels)
-                forms["grouped+shuffle"] = nn.Sequential(grouped, shuffle).eval()
+                forms["grouped+shuffle"] = nn.Sequential(copy.deepcopy(grouped), shuffle).eval()
     return forms, leftover
 
 
@@ -389,17 +393,28 @@ def _shuffled(layer: CondensedConvNd) -> nn.Module:
 def _absorb(model: nn.Module, order: Tensor, path: list[str], consumer: str) -> None:
     """Fold an output permutation ``y = z[:, order]`` into the per-channel modules on ``path`` and the
     ``consumer`` convolution, so they read ``z`` as it comes."""
-    inverse = order.argsort()
+    _permute_norms(model, path, order.argsort())
+    _permute_reader(model, consumer, order)
+
+
+def _permute_norms(model: nn.Module, names: list[str] | tuple[str, ...], inverse: Tensor) -> None:
+    """Reorder the channels of the batch norms among ``names`` (others pass channels unchanged)."""
     with torch.no_grad():
-        for name in path:
+        for name in names:
             module = model.get_submodule(name)
             if isinstance(module, nn.BatchNorm2d):
                 for tensor in (module.running_mean, module.running_var, module.weight, module.bias):
                     if tensor is not None:
                         tensor.copy_(tensor[inverse])
-        target = model.get_submodule(consumer)
-        if isinstance(target, nn.Sequential):
-            target = target[0]
+
+
+def _permute_reader(model: nn.Module, name: str, order: Tensor) -> None:
+    """Make the layer ``name`` (conv, condensed layer or linear) read ``z`` where it read ``z[:, order]``."""
+    inverse = order.argsort()
+    target = model.get_submodule(name)
+    if isinstance(target, nn.Sequential):
+        target = target[0]
+    with torch.no_grad():
         if isinstance(target, FusedCondensedConv2d) and target.index is not None:
             target.index.copy_(order[target.index])
             return
@@ -409,6 +424,35 @@ def _absorb(model: nn.Module, order: Tensor, path: list[str], consumer: str) -> 
             for bound in (target.low, target.high):
                 if bound is not None:
                     bound.copy_(bound[:, inverse])
+
+
+def _permute_stream(model: nn.Module, stream: Stream) -> None:
+    """Let ``stream`` carry its condensed writers' grouped order: plain writers' rows, its batch
+    norms and its readers' inputs permuted alike (the condensed writers are built without order)."""
+    inverse = stream.order.argsort()
+    with torch.no_grad():
+        for name in stream.plain:
+            conv = model.get_submodule(name)
+            conv.weight.copy_(conv.weight[inverse])
+            if conv.bias is not None:
+                conv.bias.copy_(conv.bias[inverse])
+    _permute_norms(model, stream.norms, inverse)
+    for name in stream.readers:
+        _permute_reader(model, name, stream.order)
+
+
+def _shuffled_orders(folded: dict[str, _Folded], absorbed: set[str]) -> dict[str, Tensor]:
+    """The output order of every grouped condensed layer whose order is a channel shuffle (the
+    interleaved layout) and reaches no single conv: the candidates for a channel stream."""
+    orders = {}
+    for name, item in folded.items():
+        layer = item.layer
+        if name in absorbed or layer.groups == 1:
+            continue
+        order = _build(item, "grouped").order
+        if order is not None and torch.equal(order.cpu(), _shuffle_order(layer.out_channels, layer.groups)):
+            orders[name] = order
+    return orders
 
 
 def _runtime_ms(
@@ -532,10 +576,12 @@ def export_onnx(
     for name, item in folded.items():
         _set(export, name, _build(item, "dense"))
     absorbers = _order_absorbers(export, list(folded))
+    streams = find_streams(export, _shuffled_orders(folded, set(absorbers)), _Tracer())
+    streaming = {name for stream in streams for name in stream.condensed}
     forms: dict[str, dict[str, nn.Module]] = {}
     leftovers: dict[str, Tensor] = {}
     for name, item in folded.items():
-        forms[name], leftover = _candidates(item, name in absorbers)
+        forms[name], leftover = _candidates(item, name in absorbers, name in streaming)
         if leftover is not None:
             leftovers[name] = leftover
     grouped = [n for n, m in export.named_modules() if _densifiable(m) and n not in folded]
@@ -551,10 +597,11 @@ def export_onnx(
             choices.append(LayerChoice(name, min(times, key=times.get), times))
         plans = {"per layer": choices, **_uniform_plans(choices, set(folded))}
         plans = {k: v for i, (k, v) in enumerate(plans.items()) if v not in list(plans.values())[:i]}
-        graphs = {k: _assemble(export, forms, v, leftovers, absorbers) for k, v in plans.items()}
+        assembled = {k: _assemble(export, forms, v, leftovers, absorbers, streams) for k, v in plans.items()}
+        graphs = {k: graph for k, (graph, _) in assembled.items()}
         trials = _runtime_ms(graphs, example, runtime, folder, repeats, dynamic=True)
         chosen = min(trials, key=trials.get)
-        choices = plans[chosen]
+        choices = assembled[chosen][1]
         best = folder / f"trial{list(graphs).index(chosen)}.onnx"
         import onnx
 
@@ -615,13 +662,25 @@ def _assemble(
     choices: list[LayerChoice],
     leftovers: dict[str, Tensor],
     absorbers: dict[str, tuple[list[str], str]],
-) -> nn.Module:
-    """A copy of ``export`` with every layer in its chosen form, grouped layers' orders folded forward."""
+    streams: list[Stream],
+) -> tuple[nn.Module, list[LayerChoice]]:
+    """A copy of ``export`` with every layer in its chosen form, grouped layers' orders folded forward,
+    and the choices as built: a stream runs in its grouped order only when every condensed layer
+    writing it is ``grouped``; otherwise those layers restore their order with a shuffle."""
+    chosen = {c.name: c.representation for c in choices}
+    complete = [all(chosen.get(n) == "grouped" for n in s.condensed) for s in streams]
+    active = [s for s, ok in zip(streams, complete) if ok]
+    demoted = {
+        n for s, ok in zip(streams, complete) if not ok for n in s.condensed if chosen.get(n) == "grouped"
+    }
+    built = [replace(c, representation="grouped+shuffle") if c.name in demoted else c for c in choices]
     graph = copy.deepcopy(export)
-    for choice in choices:
+    for choice in built:
         _set(graph, choice.name, copy.deepcopy(forms[choice.name][choice.representation]))
-    for choice in choices:
-        if choice.representation == "grouped" and choice.name in leftovers:
+    for choice in built:
+        if choice.representation == "grouped" and choice.name in leftovers and choice.name in absorbers:
             path, consumer = absorbers[choice.name]
             _absorb(graph, leftovers[choice.name], path, consumer)
-    return graph
+    for stream in active:
+        _permute_stream(graph, stream)
+    return graph, built

@@ -40,9 +40,9 @@ def _producer_path(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str
     path: list[str] = []
     current = node.args[0] if node.args else None
     while isinstance(current, fx.Node) and current.op == "call_module" and len(current.users) == 1:
-        if calls[current.target] != 1:
-            return None
         module = modules[current.target]
+        if calls[current.target] != 1 and not isinstance(module, (nn.ReLU, nn.Identity, nn.Dropout)):
+            return None  # a shared conv or batch norm serves other inputs too
         path.append(current.target)
         if type(module) is nn.Conv2d and module.groups == 1:
             return path

@@ -116,6 +116,37 @@ def test_kernels_split_between_threads_compute_the_same(native, two_threads, mem
         torch.testing.assert_close(avg_pool(x), avg_pool2x2_reference(x), atol=1e-6, rtol=1e-6)
 
 
+def _fake_builds(monkeypatch, fails_with) -> list[list[str]]:
+    """Replace the compiler: a build whose flags include any of ``fails_with`` raises."""
+    from torch.utils import cpp_extension
+
+    builds: list[list[str]] = []
+
+    def load(name, sources, extra_cflags, **kwargs):
+        builds.append(extra_cflags)
+        if any(flag in extra_cflags for flag in fails_with):
+            raise RuntimeError("Error building extension 'x': fatal error: omp.h: No such file or directory")
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(build, "_threading_flags", lambda: ["-fopenmp"])
+    monkeypatch.delenv(DISABLE_VARIABLE, raising=False)
+    return builds
+
+
+def test_a_failed_openmp_build_falls_back_to_a_serial_one_with_one_warning(monkeypatch):
+    builds = _fake_builds(monkeypatch, fails_with=["-fopenmp"])
+    with pytest.warns(RuntimeWarning, match="without OpenMP .*omp.h.*one thread") as caught:
+        assert build.load_native.__wrapped__() is True
+    assert len(caught) == 1 and ["-fopenmp" in flags for flags in builds] == [True, False]
+
+
+def test_without_a_compiler_the_reference_runs_with_one_warning(monkeypatch):
+    builds = _fake_builds(monkeypatch, fails_with=["-O3"])
+    with pytest.warns(RuntimeWarning, match="unavailable .*PyTorch reference") as caught:
+        assert build.load_native.__wrapped__() is False
+    assert len(caught) == 1 and len(builds) == 2
+
+
 @pytest.mark.skipif(
     sys.platform == "darwin" or not torch.backends.openmp.is_available(),
     reason="torch runs without OpenMP here",

@@ -47,7 +47,11 @@ def interleaved(
     """Time every function in turn, round after round, so that load changes hit all of them alike.
 
     Each function first runs ``warmup`` times; its calls per round are set so that a round lasts at
-    least ``min_round_s``. Returns the median (and range) of the per-call time over the rounds.
+    least ``min_round_s``. In every round each function first runs once untimed: the previous one's
+    threads (ONNX Runtime, OpenVINO and OpenMP spin for a while after a call) stop competing with
+    it and its own data return to the caches, so a row's place in the order does not bias it (an
+    ONNX Runtime graph timed right after another session measured 0.86x where it is 1.33x).
+    Returns the median (and range) of the per-call time over the rounds.
     """
     calls: dict[str, int] = {}
     for name, function in functions.items():
@@ -62,6 +66,7 @@ def interleaved(
     samples: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(rounds):
         for name, function in functions.items():
+            function()
             _synchronize(device)
             start = time.perf_counter()
             for _ in range(calls[name]):

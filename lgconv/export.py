@@ -19,7 +19,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
+from lgconv.channel_streams import Stream, find_streams
+from lgconv.gather_folding import fold_gathers_into_producers
 from lgconv.inference import (
     _MIN_SAMPLE_S,
     _build,
@@ -108,7 +110,9 @@ class ExportReport:
     """What ``export_onnx`` wrote: per layer the representation and its time alone, the whole-graph
     trials in ms (``"per layer"``: each layer's fastest form; ``"dense"``, ``"dense_kept"``,
     ``"grouped"``: every condensed layer in that form where it has it), the trial kept, and the
-    largest relative difference from the PyTorch model in the runtime."""
+    largest relative difference from the PyTorch model in the runtime. ``folded_gathers``: layers
+    whose input gather went into the conv producing their input; ``folded_orders``: layers whose
+    output order went into the next layer's weights."""
 
     path: Path
     runtime: str
@@ -118,6 +122,7 @@ class ExportReport:
     chosen: str
     max_error: float
     folded_orders: tuple[str, ...] = field(default=())
+    folded_gathers: tuple[str, ...] = field(default=())
 
     def __str__(self) -> str:
         shape = "x".join(map(str, self.input_shape))
@@ -129,6 +134,8 @@ class ExportReport:
             lines.append(f"  {layer.name:<{width}}  {layer.representation:<16} {layer.ms:8.3f}  {others}")
         trials = ", ".join(f"{k} {v:.2f} ms" for k, v in self.trials_ms.items())
         lines.append(f"whole graph: {trials}; kept {self.chosen!r}")
+        if self.folded_gathers:
+            lines.append(f"input gathers folded into the producing conv: {len(self.folded_gathers)}")
         if self.folded_orders:
             lines.append(f"output orders folded into the next layer: {len(self.folded_orders)}")
         lines.append(f"max relative error vs PyTorch in {self.runtime}: {self.max_error:.1e}")
@@ -343,9 +350,12 @@ def _folded_from_fused(fused: FusedCondensedConv2d) -> _Folded:
     return _Folded(layer, dense, conv.bias.detach().double()[order], bounds[0], bounds[1])
 
 
-def _candidates(item: _Folded, absorbable: bool) -> tuple[dict[str, nn.Module], Tensor | None]:
+def _candidates(
+    item: _Folded, absorbable: bool, streamable: bool = False
+) -> tuple[dict[str, nn.Module], Tensor | None]:
     """Every exportable form of one folded condensed layer, and the output order left to fold into
-    the next layer (when ``absorbable``), which the ``grouped`` candidate then leaves out."""
+    the next layer (``absorbable``) or into its channel stream (``streamable``), which the
+    ``grouped`` candidate then leaves out; a stream's layer keeps ``grouped+shuffle`` as fallback."""
     layer = item.layer
     forms: dict[str, nn.Module] = {"dense": _build(item, "dense")}
     kept = _build(item, "dense_kept")
@@ -354,16 +364,18 @@ def _candidates(item: _Folded, absorbable: bool) -> tuple[dict[str, nn.Module], 
     leftover = None
     if layer.groups > 1:
         grouped = _build(item, "grouped")
+        if grouped.index is not None and torch.equal(grouped.index.cpu(), torch.arange(layer.in_channels)):
+            grouped.index = None  # its gather was folded into the producer: the input comes in order
         order = grouped.order
         if order is None:
             forms["grouped"] = grouped
         else:
             grouped.order = None
-            if absorbable:
+            if absorbable or streamable:
                 forms["grouped"], leftover = grouped, order
-            elif torch.equal(order.cpu(), _shuffle_order(layer.out_channels, layer.groups)):
+            if not absorbable and torch.equal(order.cpu(), _shuffle_order(layer.out_channels, layer.groups)):
                 shuffle = ChannelShuffle(layer.groups, layer.out_channels)
-                forms["grouped+shuffle"] = nn.Sequential(grouped, shuffle).eval()
+                forms["grouped+shuffle"] = nn.Sequential(copy.deepcopy(grouped), shuffle).eval()
     return forms, leftover
 
 
@@ -381,17 +393,28 @@ def _shuffled(layer: CondensedConvNd) -> nn.Module:
 def _absorb(model: nn.Module, order: Tensor, path: list[str], consumer: str) -> None:
     """Fold an output permutation ``y = z[:, order]`` into the per-channel modules on ``path`` and the
     ``consumer`` convolution, so they read ``z`` as it comes."""
-    inverse = order.argsort()
+    _permute_norms(model, path, order.argsort())
+    _permute_reader(model, consumer, order)
+
+
+def _permute_norms(model: nn.Module, names: list[str] | tuple[str, ...], inverse: Tensor) -> None:
+    """Reorder the channels of the batch norms among ``names`` (others pass channels unchanged)."""
     with torch.no_grad():
-        for name in path:
+        for name in names:
             module = model.get_submodule(name)
             if isinstance(module, nn.BatchNorm2d):
                 for tensor in (module.running_mean, module.running_var, module.weight, module.bias):
                     if tensor is not None:
                         tensor.copy_(tensor[inverse])
-        target = model.get_submodule(consumer)
-        if isinstance(target, nn.Sequential):
-            target = target[0]
+
+
+def _permute_reader(model: nn.Module, name: str, order: Tensor) -> None:
+    """Make the layer ``name`` (conv, condensed layer or linear) read ``z`` where it read ``z[:, order]``."""
+    inverse = order.argsort()
+    target = model.get_submodule(name)
+    if isinstance(target, nn.Sequential):
+        target = target[0]
+    with torch.no_grad():
         if isinstance(target, FusedCondensedConv2d) and target.index is not None:
             target.index.copy_(order[target.index])
             return
@@ -401,6 +424,35 @@ def _absorb(model: nn.Module, order: Tensor, path: list[str], consumer: str) -> 
             for bound in (target.low, target.high):
                 if bound is not None:
                     bound.copy_(bound[:, inverse])
+
+
+def _permute_stream(model: nn.Module, stream: Stream) -> None:
+    """Let ``stream`` carry its condensed writers' grouped order: plain writers' rows, its batch
+    norms and its readers' inputs permuted alike (the condensed writers are built without order)."""
+    inverse = stream.order.argsort()
+    with torch.no_grad():
+        for name in stream.plain:
+            conv = model.get_submodule(name)
+            conv.weight.copy_(conv.weight[inverse])
+            if conv.bias is not None:
+                conv.bias.copy_(conv.bias[inverse])
+    _permute_norms(model, stream.norms, inverse)
+    for name in stream.readers:
+        _permute_reader(model, name, stream.order)
+
+
+def _shuffled_orders(folded: dict[str, _Folded], absorbed: set[str]) -> dict[str, Tensor]:
+    """The output order of every grouped condensed layer whose order is a channel shuffle (the
+    interleaved layout) and reaches no single conv: the candidates for a channel stream."""
+    orders = {}
+    for name, item in folded.items():
+        layer = item.layer
+        if name in absorbed or layer.groups == 1:
+            continue
+        order = _build(item, "grouped").order
+        if order is not None and torch.equal(order.cpu(), _shuffle_order(layer.out_channels, layer.groups)):
+            orders[name] = order
+    return orders
 
 
 def _runtime_ms(
@@ -437,9 +489,11 @@ def _relative_error(actual: np.ndarray, expected: Tensor) -> float:
     return float(np.abs(actual.astype(np.float32) - expected).max() / scale)
 
 
-def _export_form(model: nn.Module) -> tuple[nn.Module, dict[str, _Folded]]:
-    """A copy of ``model`` for export: batch norms folded into every condensed layer, the layers
-    described by their folded weights, CondenseNet dense blocks concatenating (as graphs do best)."""
+def _export_form(model: nn.Module) -> tuple[nn.Module, dict[str, _Folded], list[str]]:
+    """A copy of ``model`` for export: input gathers folded into their producing convs where the
+    maths allows, batch norms folded into every condensed layer, the layers described by their
+    folded weights, CondenseNet dense blocks concatenating (as graphs do best); and the layers
+    whose gathers were folded."""
     from lgconv.models.condensenet import DenseBlock
 
     export = copy.deepcopy(model).eval()
@@ -449,6 +503,7 @@ def _export_form(model: nn.Module) -> tuple[nn.Module, dict[str, _Folded]]:
     for name, module in list(export.named_modules()):
         if isinstance(module, NativeGroupedConv2d):  # a plain conv again, so its forms are tried
             _set(export, name, _plain_conv(module))
+    gathers = fold_gathers_into_producers(export)
     folded = fold_neighbours(export)
     for name, module in list(export.named_modules()):
         if isinstance(module, CondensedConvNd) and not isinstance(module, CondensedConv2d):
@@ -456,7 +511,7 @@ def _export_form(model: nn.Module) -> tuple[nn.Module, dict[str, _Folded]]:
     for name, module in export.named_modules():
         if isinstance(module, FusedCondensedConv2d):
             folded[name] = _folded_from_fused(module)
-    return export, folded
+    return export, folded, gathers
 
 
 def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
@@ -517,14 +572,16 @@ def export_onnx(
         ) from None
     if not isinstance(reference, Tensor):
         raise TypeError("export_onnx exports models with one tensor output")
-    export, folded = _export_form(reference_model)
+    export, folded, gathers = _export_form(reference_model)
     for name, item in folded.items():
         _set(export, name, _build(item, "dense"))
     absorbers = _order_absorbers(export, list(folded))
+    streams = find_streams(export, _shuffled_orders(folded, set(absorbers)), _Tracer())
+    streaming = {name for stream in streams for name in stream.condensed}
     forms: dict[str, dict[str, nn.Module]] = {}
     leftovers: dict[str, Tensor] = {}
     for name, item in folded.items():
-        forms[name], leftover = _candidates(item, name in absorbers)
+        forms[name], leftover = _candidates(item, name in absorbers, name in streaming)
         if leftover is not None:
             leftovers[name] = leftover
     grouped = [n for n, m in export.named_modules() if _densifiable(m) and n not in folded]
@@ -540,10 +597,11 @@ def export_onnx(
             choices.append(LayerChoice(name, min(times, key=times.get), times))
         plans = {"per layer": choices, **_uniform_plans(choices, set(folded))}
         plans = {k: v for i, (k, v) in enumerate(plans.items()) if v not in list(plans.values())[:i]}
-        graphs = {k: _assemble(export, forms, v, leftovers, absorbers) for k, v in plans.items()}
+        assembled = {k: _assemble(export, forms, v, leftovers, absorbers, streams) for k, v in plans.items()}
+        graphs = {k: graph for k, (graph, _) in assembled.items()}
         trials = _runtime_ms(graphs, example, runtime, folder, repeats, dynamic=True)
         chosen = min(trials, key=trials.get)
-        choices = plans[chosen]
+        choices = assembled[chosen][1]
         best = folder / f"trial{list(graphs).index(chosen)}.onnx"
         import onnx
 
@@ -566,7 +624,15 @@ def export_onnx(
         sorted(n for n in leftovers if n in {c.name for c in choices if c.representation == "grouped"})
     )
     return ExportReport(
-        target, runtime, tuple(example.shape), tuple(choices), trials, chosen, error, folded_orders
+        target,
+        runtime,
+        tuple(example.shape),
+        tuple(choices),
+        trials,
+        chosen,
+        error,
+        folded_orders,
+        tuple(gathers),
     )
 
 
@@ -596,13 +662,25 @@ def _assemble(
     choices: list[LayerChoice],
     leftovers: dict[str, Tensor],
     absorbers: dict[str, tuple[list[str], str]],
-) -> nn.Module:
-    """A copy of ``export`` with every layer in its chosen form, grouped layers' orders folded forward."""
+    streams: list[Stream],
+) -> tuple[nn.Module, list[LayerChoice]]:
+    """A copy of ``export`` with every layer in its chosen form, grouped layers' orders folded forward,
+    and the choices as built: a stream runs in its grouped order only when every condensed layer
+    writing it is ``grouped``; otherwise those layers restore their order with a shuffle."""
+    chosen = {c.name: c.representation for c in choices}
+    complete = [all(chosen.get(n) == "grouped" for n in s.condensed) for s in streams]
+    active = [s for s, ok in zip(streams, complete) if ok]
+    demoted = {
+        n for s, ok in zip(streams, complete) if not ok for n in s.condensed if chosen.get(n) == "grouped"
+    }
+    built = [replace(c, representation="grouped+shuffle") if c.name in demoted else c for c in choices]
     graph = copy.deepcopy(export)
-    for choice in choices:
+    for choice in built:
         _set(graph, choice.name, copy.deepcopy(forms[choice.name][choice.representation]))
-    for choice in choices:
-        if choice.representation == "grouped" and choice.name in leftovers:
+    for choice in built:
+        if choice.representation == "grouped" and choice.name in leftovers and choice.name in absorbers:
             path, consumer = absorbers[choice.name]
             _absorb(graph, leftovers[choice.name], path, consumer)
-    return graph
+    for stream in active:
+        _permute_stream(graph, stream)
+    return graph, built

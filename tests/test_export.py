@@ -23,6 +23,7 @@ from torch import nn
 
 import lgconv
 from lgconv import export
+from lgconv.channel_streams import find_streams
 from lgconv.export import ExportMismatchError, compile_onnx, export_onnx, permutation_gathers, to_onnx
 from lgconv.layers import CondensedConv2d
 
@@ -146,20 +147,25 @@ def test_every_mix_of_representations_computes_the_model(width, groups, layout, 
     x = torch.randn(3, 3, 6, 6)
     with torch.no_grad():
         expected = model(x)
-    form, folded = export._export_form(model)
+    form, folded, _ = export._export_form(model)
     for name, item in folded.items():
         export._set(form, name, export._build(item, "dense"))
     absorbers = export._order_absorbers(form, list(folded))
     assert set(absorbers) == {"a"}  # only a's output reaches a plain conv (b) through per-channel ops
+    streams = find_streams(form, export._shuffled_orders(folded, set(absorbers)), export._Tracer())
+    # c's output, when it has an order, joins the residual sum with the stem's (bn0, relu), read by a and d.
+    streaming = {n for stream in streams for n in stream.condensed}
+    assert streaming == ({"c"} if export._build(folded["c"], "grouped").order is not None else set())
     forms, leftovers = {}, {}
     for name, item in folded.items():
-        forms[name], leftover = export._candidates(item, name in absorbers)
+        forms[name], leftover = export._candidates(item, name in absorbers, name in streaming)
         if leftover is not None:
             leftovers[name] = leftover
     combos = list(itertools.product(*(sorted(forms[n]) for n in folded)))
     names = combos[pick % len(combos)]
     choices = [export.LayerChoice(n, r, {r: 1.0}) for n, r in zip(folded, names)]
-    graph = export._assemble(form, forms, choices, leftovers, absorbers)
+    graph, built = export._assemble(form, forms, choices, leftovers, absorbers, streams)
+    assert [c.name for c in built] == [c.name for c in choices]
     with torch.no_grad():
         torch.testing.assert_close(graph(x), expected, rtol=1e-5, atol=1e-5)
 

@@ -18,6 +18,7 @@ import lgconv
 from lgconv.kernels import (
     DISABLE_VARIABLE,
     avg_pool2x2_reference,
+    build,
     condensed_pointwise_reference,
     grouped_conv3x3_reference,
     load_native,
@@ -85,6 +86,74 @@ def test_native_equals_reference(native, args):
 @given(args=op_arguments(torch.float64))
 def test_other_dtypes_take_the_aten_path(native, args):
     torch.testing.assert_close(op(*args), condensed_pointwise_reference(*args), atol=1e-12, rtol=1e-12)
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads for one test: the kernels split their work between them."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_kernels_split_between_threads_compute_the_same(native, two_threads, memory_format):
+    """Shapes with many more work items than one thread's share, so every op runs split in two."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 23, 29, generator=generator).contiguous(memory_format=memory_format)
+    index = torch.cat([torch.randperm(40, generator=generator)[:10] for _ in range(4)])
+    weight, bias = torch.randn(36, 10, 1, 1, generator=generator), torch.randn(36, generator=generator)
+    low = torch.randn(40, generator=generator)
+    order = torch.randperm(36, generator=generator)
+    args = (x, index, weight, bias, low, None, order, 4)
+    conv_args = (x, torch.randn(16, 10, 3, 3, generator=generator), None, 4)
+    with torch.inference_mode():
+        torch.testing.assert_close(op(*args), condensed_pointwise_reference(*args), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            conv3x3(*conv_args), grouped_conv3x3_reference(*conv_args), atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(avg_pool(x), avg_pool2x2_reference(x), atol=1e-6, rtol=1e-6)
+
+
+def _fake_builds(monkeypatch, fails_with) -> list[list[str]]:
+    """Replace the compiler: a build whose flags include any of ``fails_with`` raises."""
+    from torch.utils import cpp_extension
+
+    builds: list[list[str]] = []
+
+    def load(name, sources, extra_cflags, **kwargs):
+        builds.append(extra_cflags)
+        if any(flag in extra_cflags for flag in fails_with):
+            raise RuntimeError("Error building extension 'x': fatal error: omp.h: No such file or directory")
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(build, "_threading_flags", lambda: ["-fopenmp"])
+    monkeypatch.delenv(DISABLE_VARIABLE, raising=False)
+    return builds
+
+
+def test_a_failed_openmp_build_falls_back_to_a_serial_one_with_one_warning(monkeypatch):
+    builds = _fake_builds(monkeypatch, fails_with=["-fopenmp"])
+    with pytest.warns(RuntimeWarning, match="without OpenMP .*omp.h.*one thread") as caught:
+        assert build.load_native.__wrapped__() is True
+    assert len(caught) == 1 and ["-fopenmp" in flags for flags in builds] == [True, False]
+
+
+def test_without_a_compiler_the_reference_runs_with_one_warning(monkeypatch):
+    builds = _fake_builds(monkeypatch, fails_with=["-O3"])
+    with pytest.warns(RuntimeWarning, match="unavailable .*PyTorch reference") as caught:
+        assert build.load_native.__wrapped__() is False
+    assert len(caught) == 1 and len(builds) == 2
+
+
+@pytest.mark.skipif(
+    sys.platform == "darwin" or not torch.backends.openmp.is_available(),
+    reason="torch runs without OpenMP here",
+)
+def test_kernels_build_with_torchs_openmp_so_they_run_on_every_thread():
+    """``at::parallel_for`` compiles serial without ``-fopenmp``: the kernels would use one core."""
+    assert "-fopenmp" in build._flags() and "-fopenmp" in build._threading_flags()
 
 
 @st.composite

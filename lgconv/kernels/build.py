@@ -36,10 +36,19 @@ def _cpu_features() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
-def _flags() -> list[str]:
+def _flags(threaded: bool = True) -> list[str]:
     machine = platform.machine().lower()
     tuning = ["-march=native"] if machine in ("x86_64", "amd64", "i686") else ["-mcpu=native"]
-    return ["-O3", *tuning, "-ffp-contract=fast"]
+    return ["-O3", *tuning, "-ffp-contract=fast", *(_threading_flags() if threaded else [])]
+
+
+def _threading_flags() -> list[str]:
+    """``-fopenmp`` where torch runs its threads with OpenMP: ``at::parallel_for`` is a header
+    template, so without it the kernels compile serial. The extension then shares torch's own
+    OpenMP runtime (same soname, already loaded) and its thread count. Apple's clang has no OpenMP."""
+    if sys.platform == "darwin" or not torch.backends.openmp.is_available():
+        return []
+    return ["-fopenmp"]
 
 
 def _extension_name(flags: list[str]) -> str:
@@ -57,38 +66,63 @@ def native_disabled() -> bool:
     return os.environ.get(DISABLE_VARIABLE, "1").strip().lower() in ("0", "false", "off", "no")
 
 
+def _build(threaded: bool) -> None:
+    """Compile (or find in the cache) and load the extension, with OpenMP when ``threaded``."""
+    from torch.utils import cpp_extension
+
+    flags = _flags(threaded)
+    name = _extension_name(flags)
+    root = Path(cpp_extension.get_default_build_root())
+    if not any(root.glob(f"{name}/{name}.so")) and not any(root.glob(f"*/{name}/{name}.so")):
+        print(f"lgconv: building the native kernels ({name}, once per machine)...", file=sys.stderr)
+    cpp_extension.load(
+        name,
+        [str(source) for source in _SOURCES],
+        extra_cflags=flags,
+        extra_ldflags=_threading_flags() if threaded else [],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _reason(error: Exception) -> str:
+    return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+
+
 @functools.cache
 def load_native() -> bool:
     """Load the native kernels, building them the first time (about a minute); False if unavailable.
 
     Where they cannot be built (no compiler, a failed build) one warning says so and the ops keep
-    running their PyTorch reference, which computes the same values more slowly.
+    running their PyTorch reference, which computes the same values more slowly. Where only the
+    OpenMP build fails (a compiler without its OpenMP library), they are built serial, with one
+    warning that they run on one thread.
     """
     if native_disabled():
         return False
-    from torch.utils import cpp_extension
-
-    flags = _flags()
-    name = _extension_name(flags)
-    root = Path(cpp_extension.get_default_build_root())
-    if not any(root.glob(f"{name}/{name}.so")) and not any(root.glob(f"*/{name}/{name}.so")):
-        print(f"lgconv: building the native kernels ({name}, once per machine)...", file=sys.stderr)
+    threaded = bool(_threading_flags())
     try:
-        cpp_extension.load(
-            name,
-            [str(source) for source in _SOURCES],
-            extra_cflags=flags,
-            extra_ldflags=[],
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as error:  # noqa: BLE001 - any build failure means: run the reference
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        warnings.warn(
-            f"lgconv: the native kernels are unavailable ({reason}); condensed 1x1 layers run their "
-            "PyTorch reference (same values, slower). Install a C++ compiler and ninja to get them.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return False
-    return True
+        _build(threaded)
+        return True
+    except Exception as error:  # noqa: BLE001 - any build failure means: try serial, else the reference
+        failure = error
+    if threaded:
+        try:
+            _build(threaded=False)
+        except Exception as error:  # noqa: BLE001
+            failure = error
+        else:
+            warnings.warn(
+                f"lgconv: the native kernels built without OpenMP ({_reason(failure)}); they run on one "
+                "thread. Install your compiler's OpenMP library (libgomp) to use every thread.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return True
+    warnings.warn(
+        f"lgconv: the native kernels are unavailable ({_reason(failure)}); condensed 1x1 layers run their "
+        "PyTorch reference (same values, slower). Install a C++ compiler and ninja to get them.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return False

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lgconv import kernels
-from lgconv.layers import CondensedConv2d, NativeAvgPool2d, NativeGroupedConv2d
+from lgconv.layers import CondensedConv2d, CondensedLinear, NativeAvgPool2d, NativeGroupedConv2d
 from lgconv.layers.condensed_conv import CondensedConvNd
 from lgconv.layers.conv_geometry import conv_geometry
 from lgconv.layers.fused_condensed_conv import (
@@ -372,8 +372,8 @@ def optimize_for_inference(
     padding 1 may also become ``NativeGroupedConv2d``, the C++ op). With ``example_input``, 2x2
     average pools (stride 2) may become ``NativeAvgPool2d`` where timing says so (ATen's pool is
     slow on NCHW). Outputs equal the finalized model's up to float rounding. ``CondensedConv1d`` /
-    ``CondensedConv3d`` layers have no fused kernels: they are left as they are (gather + grouped
-    conv), and a model with only those is returned as is.
+    ``CondensedConv3d`` and ``CondensedLinear`` layers have no fused kernels: they are left as they
+    are (gather + grouped conv or matmul), and a model with only those is returned as is.
     """
     if kernel != "auto" and kernel not in KERNELS:
         raise ValueError(f"kernel must be 'auto' or one of {KERNELS}, got {kernel!r}")
@@ -385,8 +385,8 @@ def optimize_for_inference(
     if any(isinstance(m, LearnedGroupMixin) for m in model.modules()):
         raise ValueError("the model still has learned group layers; run lgconv.finalize(model) first")
     folded = fold_neighbours(model, fold)
-    if not folded and any(isinstance(m, CondensedConvNd) for m in model.modules()):
-        return model  # only CondensedConv1d / CondensedConv3d: no fused kernels, they serve as they are
+    if not folded and any(isinstance(m, (CondensedConvNd, CondensedLinear)) for m in model.modules()):
+        return model  # only 1D / 3D convs and linear layers condensed: no fused kernels, served as they are
     if not folded:
         raise ValueError(
             f"{type(model).__name__} has no CondensedConv2d to optimise; finalize a condensed model first"

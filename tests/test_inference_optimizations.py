@@ -222,6 +222,20 @@ def test_errors_name_the_fix():
         lgconv.optimize_for_inference(nn.Sequential(nn.Conv2d(3, 3, 1)).eval())
 
 
+def test_a_model_whose_only_condensed_layers_are_linear_is_served_as_it_is():
+    """ConvNeXt / ViT MLPs condensed with linear=True: no fused kernels, no error either."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    lgconv.condensify(model, 2, linear=True)
+    model = lgconv.finalize(condense_all(model)).eval()
+    x = torch.randn(3, 3, 2, 2)
+    with torch.no_grad():
+        expected = model(x)
+        served = lgconv.optimize_for_inference(model, x)
+        torch.testing.assert_close(served(x), expected)
+    assert served is model
+
+
 @pytest.mark.parametrize("dense_grouped", [True, None])
 def test_grouped_convs_densified_equal_masked_and_reload(tmp_path, dense_grouped):
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from lgconv import kernels
-from lgconv.layers import CondensedConv2d, NativeAvgPool2d, NativeGroupedConv2d
+from lgconv.layers import CondensedConv2d, CondensedLinear, NativeAvgPool2d, NativeGroupedConv2d
 from lgconv.layers.condensed_conv import CondensedConvNd
 from lgconv.layers.conv_geometry import conv_geometry
 from lgconv.layers.fused_condensed_conv import (
@@ -371,9 +371,11 @@ def optimize_for_inference(
     where timing on the example input says it is faster (None; then a 3x3 conv with stride 1 and
     padding 1 may also become ``NativeGroupedConv2d``, the C++ op). With ``example_input``, 2x2
     average pools (stride 2) may become ``NativeAvgPool2d`` where timing says so (ATen's pool is
-    slow on NCHW). Outputs equal the finalized model's up to float rounding. ``CondensedConv1d`` /
-    ``CondensedConv3d`` layers have no fused kernels: they are left as they are (gather + grouped
-    conv), and a model with only those is returned as is.
+    slow on NCHW), and every ``CondensedLinear`` (ConvNeXt / ViT MLPs condensed with ``linear=True``)
+    may run the fused C++ op or become a dense ``nn.Linear`` with zeros. Outputs equal the finalized
+    model's up to float rounding. ``CondensedConv1d`` / ``CondensedConv3d`` layers have no fused
+    kernels: they are left as they are (gather + grouped conv), and a model with only those is
+    returned as is.
     """
     if kernel != "auto" and kernel not in KERNELS:
         raise ValueError(f"kernel must be 'auto' or one of {KERNELS}, got {kernel!r}")
@@ -385,9 +387,10 @@ def optimize_for_inference(
     if any(isinstance(m, LearnedGroupMixin) for m in model.modules()):
         raise ValueError("the model still has learned group layers; run lgconv.finalize(model) first")
     folded = fold_neighbours(model, fold)
-    if not folded and any(isinstance(m, CondensedConvNd) for m in model.modules()):
+    linears = [name for name, m in model.named_modules() if isinstance(m, CondensedLinear)]
+    if not folded and not linears and any(isinstance(m, CondensedConvNd) for m in model.modules()):
         return model  # only CondensedConv1d / CondensedConv3d: no fused kernels, they serve as they are
-    if not folded:
+    if not folded and not linears:
         raise ValueError(
             f"{type(model).__name__} has no CondensedConv2d to optimise; finalize a condensed model first"
         )
@@ -412,11 +415,15 @@ def optimize_for_inference(
         )
     if dense_grouped is None:
         candidates.update({name: _grouped_candidates(conv) for name, conv in originals.items()})
+    if kernel == "auto":
+        candidates.update({name: _linear_candidates(model.get_submodule(name)) for name in linears})
     if kernels.load_native():
         pools = [n for n, m in model.named_modules() if computes_avg_pool2x2(m) and not n.startswith(inside)]
         candidates.update({name: [model.get_submodule(name), NativeAvgPool2d()] for name in pools})
     formats = [torch.channels_last, torch.contiguous_format]
-    if channels_last is not None:
+    if example_input.dim() != 4:  # tokens or sequences: no channels-last layout to try
+        formats = [torch.contiguous_format]
+    elif channels_last is not None:
         formats = [torch.channels_last if channels_last else torch.contiguous_format]
     best: tuple[float, torch.memory_format, dict[str, nn.Module]] | None = None
     for memory_format in formats:
@@ -454,6 +461,29 @@ def _grouped_candidates(conv: nn.Conv2d) -> list[nn.Module]:
     forms: list[nn.Module] = [conv, DenseGroupedConv2d.from_grouped(conv)]
     if computes_grouped_conv3x3(conv) and kernels.load_native():
         forms.append(NativeGroupedConv2d.from_conv(conv))
+    return forms
+
+
+def _linear_candidates(layer: CondensedLinear) -> list[nn.Module]:
+    """A condensed linear layer as it is, through the fused C++ op, and as ``nn.Linear`` with zeros."""
+    forms: list[nn.Module] = [layer]
+    if kernels.load_native():
+        forms.append(layer.with_kernel("native"))
+    rows = grouped_order(layer.out_features, layer.groups, layer.layout).to(layer.weight.device)
+    row_group = torch.arange(layer.out_features, device=rows.device) // (layer.out_features // layer.groups)
+    dense = nn.Linear(
+        layer.in_features,
+        layer.out_features,
+        bias=layer.bias is not None,
+        device=layer.weight.device,
+        dtype=layer.weight.dtype,
+    )
+    with torch.no_grad():
+        dense.weight.zero_()
+        dense.weight[rows[:, None], layer.index.view(layer.groups, -1)[row_group]] = layer.weight
+        if layer.bias is not None:
+            dense.bias.copy_(layer.bias)
+    forms.append(dense.eval())
     return forms
 
 

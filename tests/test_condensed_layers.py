@@ -71,3 +71,28 @@ def test_parameter_count_shrinks_by_the_condense_factor():
     layer = condense_to(LearnedGroupConv(32, 64, learned_groups=4, condense_factor=4, bias=False), 3)
     condensed = CondensedConv2d.from_learned(layer)
     assert sum(p.numel() for p in condensed.parameters()) == 32 * 64 // 4
+
+
+def test_the_native_linear_kernel_computes_the_same_everywhere_it_runs(tmp_path):
+    """Eager (the C++ op), rebuilt from its config, TorchScript and ONNX (the ATen form there)."""
+    import warnings
+
+    import onnxruntime
+
+    torch.manual_seed(0)
+    learned = LearnedGroupLinear(12, 8, learned_groups=4, condense_factor=2, layout="interleaved")
+    layer = CondensedLinear.from_learned(condense_to(learned, 1)).eval()
+    native = layer.with_kernel("native")
+    rebuilt = CondensedLinear.from_config(native.config())
+    rebuilt.load_state_dict(native.state_dict())
+    x = torch.randn(3, 5, 12)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = layer(x)
+        scripted = torch.jit.script(native)
+        torch.onnx.export(native, (x,), tmp_path / "l.onnx", dynamo=False, input_names=["x"])
+        for form in (native, rebuilt, scripted):
+            torch.testing.assert_close(form(x), expected, rtol=1e-5, atol=1e-5)
+    assert rebuilt.kernel == "native" and native.config()["kernel"] == "native"
+    session = onnxruntime.InferenceSession(str(tmp_path / "l.onnx"), providers=["CPUExecutionProvider"])
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), expected)

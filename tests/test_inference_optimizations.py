@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lgconv
+from lgconv.inference import _linear_candidates
 from lgconv.layers import DenseGroupedConv2d, Folded, FusedCondensedConv2d, LearnedGroupConv
 from lgconv.layers.fused_condensed_conv import KERNELS, POINTWISE_KERNELS
 from lgconv.models import CondenseNet
@@ -220,6 +221,26 @@ def test_errors_name_the_fix():
         lgconv.optimize_for_inference(copy.deepcopy(final).train())
     with pytest.raises(ValueError, match="no CondensedConv2d"):
         lgconv.optimize_for_inference(nn.Sequential(nn.Conv2d(3, 3, 1)).eval())
+
+
+def test_condensed_linear_layers_get_the_fastest_of_three_exact_forms():
+    """ConvNeXt / ViT MLPs condensed with linear=True: as they are, the fused op, or dense with zeros."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8))
+    lgconv.condensify(model, 2, linear=True, layout="interleaved")
+    model = perturb_(lgconv.finalize(condense_all(model))).eval()
+    layer = model[0]
+    forms = _linear_candidates(layer)
+    assert [type(f).__name__ for f in forms] == ["CondensedLinear", "CondensedLinear", "Linear"]
+    assert forms[1].kernel == "native" and "kernel=native" in repr(forms[1])
+    x = torch.randn(2, 5, 12)  # leading dims, as tokens
+    with torch.no_grad():
+        for form in forms:
+            torch.testing.assert_close(form(x), layer(x), rtol=1e-5, atol=1e-5)
+        expected = model(x)
+        served = lgconv.optimize_for_inference(model, x)
+        torch.testing.assert_close(served(x), expected, rtol=1e-5, atol=1e-5)
+    assert served is model
 
 
 @pytest.mark.parametrize("dense_grouped", [True, None])

@@ -8,8 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lgconv import kernels
 from lgconv.layers.learned_group import Layout, grouped_order
 from lgconv.layers.learned_group_linear import LearnedGroupLinear
+from lgconv.layers.onnx_export import exporting_onnx
+
+LINEAR_KERNELS = ("grouped", "native")
 
 
 class CondensedLinear(nn.Module):
@@ -17,6 +21,9 @@ class CondensedLinear(nn.Module):
 
     ``weight`` is (out, kept_inputs) with rows listed group by group; ``bias`` keeps the original
     output order. Works on any leading dims, like ``nn.Linear`` (channels-last tokens included).
+    ``kernel="grouped"`` computes it with ATen (gather, ``einsum``, gather); ``"native"`` runs
+    lgconv's fused C++ op on the tokens seen as a channels-last 1x1 conv (no copy), which
+    ``optimize_for_inference`` picks where it times faster. Both compute the same function.
     """
 
     def __init__(
@@ -28,10 +35,16 @@ class CondensedLinear(nn.Module):
         kept_inputs: int,
         layout: Layout = "contiguous",
         bias: bool = True,
+        kernel: str = "grouped",
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if kernel not in LINEAR_KERNELS:
+            raise ValueError(f"kernel must be one of {LINEAR_KERNELS}, got {kernel!r}")
+        if kernel == "native":
+            kernels.load_native()  # builds the C++ kernel on first use; the reference runs without it
+        self.kernel = kernel
         self.in_features = in_features
         self.out_features = out_features
         self.groups = groups
@@ -40,9 +53,10 @@ class CondensedLinear(nn.Module):
         self.register_buffer("index", torch.arange(groups * kept_inputs, device=device) % in_features)
         self.weight = nn.Parameter(torch.empty(out_features, kept_inputs, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        restore = grouped_order(out_features, groups, layout).argsort().to(device)
+        rows = grouped_order(out_features, groups, layout).to(device)
         identity = layout == "contiguous" or groups == 1
-        self.register_buffer("restore", None if identity else restore, persistent=False)
+        self.register_buffer("restore", None if identity else rows.argsort(), persistent=False)
+        self.register_buffer("rows", None if identity else rows, persistent=False)  # grouped row -> output
 
     @classmethod
     def from_learned(cls, layer: LearnedGroupLinear) -> CondensedLinear:
@@ -80,6 +94,7 @@ class CondensedLinear(nn.Module):
             "kept_inputs": self.kept_inputs,
             "layout": self.layout,
             "bias": self.bias is not None,
+            "kernel": self.kernel,
         }
 
     @classmethod
@@ -87,7 +102,17 @@ class CondensedLinear(nn.Module):
         """A fresh layer of the structure ``config()`` described (load the state dict into it)."""
         return cls(**config)
 
+    def with_kernel(self, kernel: str) -> CondensedLinear:
+        """A copy computing the same function with ``kernel`` (sharing nothing with this layer)."""
+        copy = type(self)(
+            **{**self.config(), "kernel": kernel}, device=self.weight.device, dtype=self.weight.dtype
+        )
+        copy.load_state_dict(self.state_dict())
+        return copy.train(self.training)
+
     def forward(self, input: Tensor) -> Tensor:
+        if self.kernel == "native" and not torch.jit.is_scripting() and not exporting_onnx():
+            return self._native(input)
         gathered = input.index_select(-1, self.index)
         if self.groups == 1:
             return F.linear(gathered, self.weight, self.bias)
@@ -98,8 +123,21 @@ class CondensedLinear(nn.Module):
             output = output.index_select(-1, self.restore)
         return output if self.bias is None else output + self.bias
 
+    @torch.jit.unused
+    def _native(self, input: Tensor) -> Tensor:
+        """The fused op on the tokens as a (1, in, 1, tokens) channels-last image: a view, no copy."""
+        tokens = input.reshape(-1, self.in_features).t()[None, :, None, :]
+        bias = self.bias
+        if bias is not None and self.rows is not None:
+            bias = bias.index_select(0, self.rows)  # the op adds the bias per grouped row
+        output = torch.ops.lgconv.condensed_pointwise(
+            tokens, self.index, self.weight, bias, None, None, self.restore, self.groups
+        )
+        return output[0, :, 0, :].t().reshape(*input.shape[:-1], self.out_features)
+
     def extra_repr(self) -> str:
+        kernel = "" if self.kernel == "grouped" else f", kernel={self.kernel}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"groups={self.groups}, kept_inputs={self.kept_inputs}, layout={self.layout}"
+            f"groups={self.groups}, kept_inputs={self.kept_inputs}, layout={self.layout}{kernel}"
         )

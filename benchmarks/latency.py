@@ -143,7 +143,10 @@ def runtime_forms(
             ("finalized graph", folder / "finalized.onnx"),
             ("export_onnx", tuned),
         ):
-            graphs[f"{name}, {label}"] = _onnx_runner(export.compile_onnx(path, runtime))
+            # Passive threads: interleaved in one process, a session whose threads spin after its call
+            # slows the next one, and graphs of many small ops far more than the dense network's
+            # (ResNet-50 b1 export_onnx: 27.3 ms alone, 28.4 ms passive interleaved, 39.2 ms spinning).
+            graphs[f"{name}, {label}"] = _onnx_runner(export.compile_onnx(path, runtime, passive=True))
     return graphs
 
 

@@ -358,3 +358,21 @@ def test_export_onnx_tries_the_native_layers_plain_forms(native, tmp_path):
     assert report.max_error < 1e-4
     layers = {choice.name: choice for choice in report.layers}
     assert set(layers["features.denseblock1.denselayer1.conv2"].candidates_ms) == {"grouped", "dense"}
+
+
+def test_a_native_layer_reads_its_tensors_fresh_after_they_change(native):
+    """The native layer binds its argument dicts once; new weights or a new dtype still take effect."""
+    torch.manual_seed(0)
+    layer = FusedCondensedConv2d(8, 8, kernel="native", groups=2, gathered=8).eval()
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        layer(x)  # binds
+        layer.conv.weight = torch.nn.Parameter(torch.randn_like(layer.conv.weight))
+        layer.conv.bias.fill_(0.5)
+        expected = condensed_pointwise_reference(
+            x, layer.index, layer.conv.weight, layer.conv.bias, None, None, None, 2
+        )
+        torch.testing.assert_close(layer(x), expected)
+        wide = layer.double()(x.double())
+    assert wide.dtype == torch.float64
+    torch.testing.assert_close(wide, expected.double(), rtol=1e-5, atol=1e-5)

@@ -250,3 +250,20 @@ def test_preallocated_blocks_compile() -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_served_layers_skip_identities_but_call_hooked_ones() -> None:
+    """The preallocated path leaves out the folded batch norms' stand-ins, unless a hook watches one."""
+    torch.manual_seed(0)
+    model = lgconv.optimize_for_inference(_finalized_condensenet50(), kernel="matmul")
+    layer = next(m for m in model.modules() if isinstance(m, models.condensenet.DenseLayer))
+    x = torch.randn(1, layer.conv1.in_channels, 8, 8)
+    seen = []
+    with torch.no_grad():
+        expected = layer.new_features(x)
+        torch.testing.assert_close(layer.served_features(x), expected)
+        handle = layer.norm1.register_forward_hook(lambda module, args, output: seen.append(module))
+        torch.testing.assert_close(layer.served_features(x), expected)
+        handle.remove()
+        layer.served_features(x)
+    assert type(layer.norm1).__name__ == "Folded" and seen == [layer.norm1]

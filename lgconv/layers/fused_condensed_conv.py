@@ -133,7 +133,39 @@ class FusedCondensedConv2d(nn.Module):
             config["clamp"] = "both" if config["clamp"] else None
         return cls(**config)
 
+    __jit_ignored_attributes__ = ["_bound"]  # eager-only cache, not part of a scripted module
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__.pop("_bound", None)  # a submodule or setting may have changed: bind again
+        super().__setattr__(name, value)
+
+    @torch.jit.unused
+    def _bound_native(self) -> tuple[Any, ...]:
+        """The dicts that hold the op's tensors (read fresh on every call) and the groups, bound once;
+        empty if not native. Module attribute lookups of the ten arguments cost about as much
+        Python time as the op itself on a batch-1 CondenseNet layer; dict reads cost little."""
+        bound = self.__dict__.get("_bound")
+        if bound is None:
+            native = self.kernel == "native" and self.index is not None
+            bound = (self._buffers, self.conv._parameters, self.conv.groups) if native else ()
+            self.__dict__["_bound"] = bound
+        return bound
+
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting() and not exporting_onnx():
+            bound = self._bound_native()
+            if bound:
+                buffers, parameters, groups = bound
+                return torch.ops.lgconv.condensed_pointwise(
+                    input,
+                    buffers["index"],
+                    parameters["weight"],
+                    parameters.get("bias"),
+                    buffers.get("low"),
+                    buffers.get("high"),
+                    buffers.get("order"),
+                    groups,
+                )
         # ONNX has no such op: its exporters record the grouped form below (same function).
         if self.kernel == "native" and self.index is not None and not exporting_onnx():
             return torch.ops.lgconv.condensed_pointwise(

@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 import lgconv
+from lgconv.layers.fused_condensed_conv import Folded
 from lgconv.layers.onnx_export import exporting_onnx
 from lgconv.models.registry import register_model
 
@@ -25,6 +27,13 @@ CIFAR_GROWTH = (8, 16, 32)
 IMAGENET_STAGES = (4, 6, 8, 10, 8)
 IMAGENET_GROWTH = (8, 16, 32, 64, 128)
 _BOTTLENECKS = "features.*.conv1"  # the 1x1 convolution of every dense layer
+
+
+def _passes_input_on(module: nn.Module) -> bool:
+    """An identity here: ``nn.Identity``, eval dropout, a ``Folded`` stand-in without ReLU."""
+    if isinstance(module, Folded):
+        return not module.relu
+    return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training)
 
 
 class DenseLayer(nn.Module):
@@ -53,6 +62,34 @@ class DenseLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x, self.new_features(x)], 1)
+
+    __jit_ignored_attributes__ = ["_steps"]  # eager-only cache, not part of a scripted module
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__.pop("_steps", None)  # a module was replaced (optimize_for_inference): list again
+        super().__setattr__(name, value)
+
+    @torch.jit.unused
+    def served_features(self, x: Tensor) -> Tensor:
+        """``new_features`` without calling the modules that pass their input on unchanged (batch
+        norms folded into a conv, identities, eval dropout) and with plain ReLUs as functions,
+        while nothing hooks them: the same values, and for a batch-1 CondenseNet-86 about 25 us of
+        Python less per layer. The preallocated path uses it."""
+        listed = self.__dict__.get("_steps")
+        if listed is None or listed[0] != self.training:
+            modules = (self.norm1, self.relu1, self.drop, self.conv1, self.norm2, self.relu2, self.conv2)
+            listed = (self.training, tuple((m, _passes_input_on(m)) for m in modules))
+            self.__dict__["_steps"] = listed
+        hooked = bool(_global_forward_hooks or _global_forward_pre_hooks)
+        for module, passes_on in listed[1]:
+            if not (hooked or module._forward_hooks or module._forward_pre_hooks):
+                if passes_on:
+                    continue
+                if type(module) is nn.ReLU:  # the function without the module call around it
+                    x = torch.relu_(x) if module.inplace else torch.relu(x)
+                    continue
+            x = module(x)
+        return x
 
 
 class DenseBlock(nn.Sequential):
@@ -109,7 +146,7 @@ class DenseBlock(nn.Sequential):
         filled = x.shape[1]
         out[:, :filled].copy_(x)
         for layer in layers:
-            new = layer.new_features(out[:, :filled])
+            new = layer.served_features(out[:, :filled])
             out[:, filled : filled + new.shape[1]].copy_(new)
             filled += new.shape[1]
         return out

@@ -122,6 +122,21 @@ def _condensenet() -> CondenseNet:
     return condense_all(model).eval()
 
 
+@pytest.mark.parametrize("channels_last", [None, True])
+def test_without_an_example_the_1x1_layers_take_the_native_kernel_on_planes(channels_last):
+    """The native op computes only the kept connections; in channels-last the dense kernel stays."""
+    if not lgconv.kernels.load_native():
+        pytest.skip("the native kernels are not built here")
+    final = lgconv.finalize(_condensenet())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = final(x)
+        served = lgconv.optimize_for_inference(final, channels_last=channels_last)
+        torch.testing.assert_close(served(x), expected, rtol=1e-5, atol=1e-5)
+    kinds = {m.kernel for m in served.modules() if isinstance(m, FusedCondensedConv2d)}
+    assert kinds == ({"dense"} if channels_last else {"native"})
+
+
 @pytest.mark.parametrize("channels_last", [None, False, True])
 def test_condensenet_autotuned_equals_masked(channels_last):
     masked = _condensenet()

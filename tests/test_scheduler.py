@@ -543,3 +543,14 @@ def test_an_ema_deepcopy_and_copy_masks_work_with_activation_statistics():
     for (_, a), (_, b) in zip(learned_group_layers(model), learned_group_layers(ema)):
         assert torch.equal(a.mask, b.mask) and int(b.stage) == 3
     assert_finalize_exact(ema, torch.randn(2, 1, 8, 8))
+
+
+def test_activation_statistics_are_recorded_through_a_torch_compile_wrapper():
+    model = make_net()
+    compiled = torch.compile(model, backend="eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = CondensationScheduler(compiled, 6, importance="activation")
+    train_steps(compiled, optimizer, scheduler, batches(6))
+    assert stages(model) == [3, 3]
+    assert all(int(m.input_batches) == 3 and bool((m.input_power > 0).any()) for _, m in scheduler.layers)
+    assert_finalize_exact(model, torch.randn(2, 1, 8, 8))

@@ -117,8 +117,24 @@ def targets(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
         lines.append(f"- `lgc_finetune` epochs: {ratio:.2f}x those of `lgc` (at most 0.5 asked)")
     base = mean("lgc")
     for name in groups:
-        if name.startswith("lgc_") and name != "lgc_finetune" and base is not None:
-            lines.append(f"- variant `{name}`: {mean(name):.2f}% ({mean(name) - base:+.2f} points vs `lgc`)")
+        if not name.startswith("lgc_") or name == "lgc_finetune" or base is None:
+            continue
+        value = mean(name)
+        notes = [f"{value - base:+.2f} points vs `lgc`"]
+        if name.startswith("lgc_finetune_"):  # the fine-tuning targets, checked on the variant too
+            for other, label, allowed in (
+                ("lgc_finetune", "", None),
+                ("lgc", "within 0.5 of `lgc`", -0.5),
+                ("channel_pruning", "≥ `channel_pruning`", 0.0),
+            ):
+                reference = mean(other)
+                if reference is None:
+                    continue
+                if other != "lgc":  # the difference to lgc is already the first note
+                    notes.append(f"{value - reference:+.2f} vs `{other}`")
+                if allowed is not None:
+                    notes.append(f"{label}: {'met' if value - reference >= allowed - 1e-9 else 'missed'}")
+        lines.append(f"- variant `{name}` ({len(groups[name])} seeds): {value:.2f}% ({'; '.join(notes)})")
     return lines
 
 

@@ -726,6 +726,24 @@ def run_lgc_finetune_combined_gradual(context: Context, seed: int) -> ArmResult:
     )
 
 
+@arm(
+    "lgc_finetune_early_lr01",
+    "lgc_finetune with the last drop at 25% and lr 0.1 (both earlier changes together, weight importance)",
+    needs=("dense",),
+)
+def run_lgc_finetune_early_lr01(context: Context, seed: int) -> ArmResult:
+    return _finetune(context, seed, context.recipe.lr, 0.25, "lgc_finetune_early_lr01")
+
+
+@arm(
+    "lgc_finetune_gradual_lr01",
+    "lgc_finetune with gradual (cubic) drops over the first 25% and lr 0.1 (weight importance)",
+    needs=("dense",),
+)
+def run_lgc_finetune_gradual_lr01(context: Context, seed: int) -> ArmResult:
+    return _finetune(context, seed, context.recipe.lr, 0.25, "lgc_finetune_gradual_lr01", schedule="gradual")
+
+
 # --- the suite ----------------------------------------------------------------------------------
 def run_one(context: Context, name: str, seed: int) -> dict[str, Any]:
     """Train and evaluate one arm for one seed; the JSON row."""

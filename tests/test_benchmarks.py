@@ -184,6 +184,10 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
     text = page.read_text()
     assert text.startswith("intro\n") and text.endswith("kept\n") and "old" not in text
     assert "| `lgc` | 2 |" in text and "| `lgc_finetune` | 1 |" in text
+    combined = next(
+        line for line in text.splitlines() if line.startswith("- variant `lgc_finetune_combined`")
+    )
+    assert "vs `lgc_finetune`" in combined and "≥ `channel_pruning`: " in combined
     assert (
         "- `lgc` within 1.0 point of `dense`:" in text and "![accuracy against FLOPs](img/plot.png)" in text
     )

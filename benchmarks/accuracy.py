@@ -744,6 +744,26 @@ def run_lgc_finetune_gradual_lr01(context: Context, seed: int) -> ArmResult:
     return _finetune(context, seed, context.recipe.lr, 0.25, "lgc_finetune_gradual_lr01", schedule="gradual")
 
 
+@arm(
+    "lgc_finetune_gradual_lr01_end0125",
+    "lgc_finetune_gradual_lr01 with its gradual drops over the first 12.5% (half an epoch), not 25%",
+    needs=("dense",),
+)
+def run_lgc_finetune_gradual_lr01_end0125(context: Context, seed: int) -> ArmResult:
+    name = "lgc_finetune_gradual_lr01_end0125"
+    return _finetune(context, seed, context.recipe.lr, 0.125, name, schedule="gradual")
+
+
+@arm(
+    "lgc_finetune_gradual_lr01_end05",
+    "lgc_finetune_gradual_lr01 with its gradual drops over the first half (the paper's end), not 25%",
+    needs=("dense",),
+)
+def run_lgc_finetune_gradual_lr01_end05(context: Context, seed: int) -> ArmResult:
+    name = "lgc_finetune_gradual_lr01_end05"
+    return _finetune(context, seed, context.recipe.lr, 0.5, name, schedule="gradual")
+
+
 # --- the suite ----------------------------------------------------------------------------------
 def run_one(context: Context, name: str, seed: int) -> dict[str, Any]:
     """Train and evaluate one arm for one seed; the JSON row."""

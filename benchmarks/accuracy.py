@@ -672,6 +672,13 @@ def run_lgc_gradual(context: Context, seed: int) -> ArmResult:
     )
 
 
+@arm("lgc_gradual_end05", "lgc with gradual (cubic) drops over the first half of training (the paper's end)")
+def run_lgc_gradual_end05(context: Context, seed: int) -> ArmResult:
+    return _learned(
+        context, seed, recalibrate=False, desc=f"lgc_gradual_end05 seed {seed}", schedule="gradual"
+    )
+
+
 @arm(
     "lgc_finetune_activation",
     "lgc_finetune with data-aware importance (|W| times each input's RMS over training batches)",

@@ -161,7 +161,8 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Non
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [1.1, 1]})
+    height = max(5.2, 0.28 * len(groups) + 1.5)  # one readable row per arm on the right
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, height), gridspec_kw={"width_ratios": [1, 1.1]})
     markers = "osD^v<>pPX*h"
     names = list(groups)
     for i, name in enumerate(names):
@@ -184,7 +185,8 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Non
     left.set_xlabel("multiply-adds per image (fvcore), millions, log scale")
     left.set_ylabel("test accuracy % (mean ± std over seeds; dots: runs)")
     left.grid(alpha=0.3, which="both")
-    left.legend(fontsize=8, loc="lower right")
+    if len(names) <= 12:  # beyond that the legend hides the points; the right panel names every arm
+        left.legend(fontsize=8, loc="lower right")
     right.set_yticks(
         range(len(names)), [f"{n} ({groups[n][0]['flops'] / 1e6:.1f}M)" for n in reversed(names)]
     )

@@ -679,18 +679,6 @@ def run_lgc_gradual_end05(context: Context, seed: int) -> ArmResult:
     )
 
 
-@arm("lgc_gradual_end0125", "lgc with gradual (cubic) drops over the first 12.5% of training")
-def run_lgc_gradual_end0125(context: Context, seed: int) -> ArmResult:
-    return _learned(
-        context,
-        seed,
-        recalibrate=False,
-        desc=f"lgc_gradual_end0125 seed {seed}",
-        schedule="gradual",
-        condense_end=0.125,
-    )
-
-
 @arm(
     "lgc_finetune_activation",
     "lgc_finetune with data-aware importance (|W| times each input's RMS over training batches)",

@@ -45,9 +45,11 @@ def _record_input_power(module: nn.Module, args: tuple[Any, ...]) -> None:
         channel = x.dim() - (weight.dim() - 2) - 1
     dims = [d for d in range(x.dim()) if d != channel]
     power = x.float().pow(2).mean(dim=dims) if dims else x.float().pow(2)
-    module.input_batches.add_(1)  # type: ignore[operator]
-    rate = max(1.0 / int(module.input_batches), STATISTICS_MOMENTUM)  # type: ignore[arg-type]
-    module.input_power.lerp_(power.to(module.input_power), rate)  # type: ignore[operator, union-attr]
+    power_buffer, batches = module.input_power, module.input_batches
+    batches.add_(1)  # type: ignore[operator]
+    # As tensors, so a GPU step does not wait on a host read.
+    rate = batches.reciprocal().clamp_min(STATISTICS_MOMENTUM).to(power_buffer)  # type: ignore[union-attr]
+    power_buffer.lerp_(power.to(power_buffer), rate)  # type: ignore[operator, union-attr]
 
 
 def learned_group_layers(model: nn.Module) -> list[tuple[str, LearnedGroupMixin]]:

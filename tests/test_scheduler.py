@@ -546,6 +546,9 @@ def test_an_ema_deepcopy_and_copy_masks_work_with_activation_statistics():
 
 
 def test_activation_statistics_are_recorded_through_a_torch_compile_wrapper():
+    """The hooks must exist when dynamo first traces the module: torch does not guard on module
+    hooks, so code compiled earlier for the same module class (another test here) would skip them."""
+    torch._dynamo.reset()
     model = make_net()
     compiled = torch.compile(model, backend="eager")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)

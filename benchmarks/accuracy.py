@@ -319,9 +319,14 @@ def train(
     condense_end: float | None = None,
     recalibrate: bool = False,
     lasso: float = 0.0,
+    importance: str = "weight",
+    schedule: str = "stepwise",
     desc: str = "",
 ) -> Training:
-    """SGD with a per-step cosine learning rate; condensing when ``model`` has learned group layers."""
+    """SGD with a per-step cosine learning rate; condensing when ``model`` has learned group layers.
+
+    The accuracy after each drop is recorded for the stepwise schedule only (a gradual one drops a
+    few inputs at most steps)."""
     recipe, data = context.recipe, context.data
     generator = torch.Generator().manual_seed(seed)
     recalibration_order = torch.Generator().manual_seed(seed + 10_000)
@@ -335,13 +340,18 @@ def train(
         nesterov=recipe.nesterov,
         weight_decay=recipe.weight_decay,
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
     )
     condenser = None
     if lgconv.scheduler.learned_group_layers(model):
         condenser = lgconv.CondensationScheduler(
-            model, total, lasso=lasso, condense_end=condense_end or recipe.condense_end
+            model,
+            total,
+            lasso=lasso,
+            condense_end=condense_end or recipe.condense_end,
+            importance=importance,
+            schedule=schedule,
         )
     training = Training(0.0, total)
     model.train()
@@ -358,9 +368,9 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
+            lr_schedule.step()
             bar.update()
-            if condenser is not None and condenser.step():
+            if condenser is not None and condenser.step() and schedule == "stepwise":
                 training.drops.append(
                     drop_record(model, context, condenser, recalibrate, recalibration_order)
                 )
@@ -455,7 +465,7 @@ class Context:
 
 
 def _learned(
-    context: Context, seed: int, recalibrate: bool, desc: str, budget: bool = False, **schedule: float
+    context: Context, seed: int, recalibrate: bool, desc: str, budget: bool = False, **schedule: Any
 ) -> ArmResult:
     """The lgc network trained from scratch; ``schedule``: scheduler options changed from the paper's.
 
@@ -567,8 +577,11 @@ def run_lgc_finetune(context: Context, seed: int) -> ArmResult:
     return _finetune(context, seed, recipe.finetune_lr, recipe.finetune_condense_end, "lgc_finetune")
 
 
-def _finetune(context: Context, seed: int, lr: float, condense_end: float, name: str) -> ArmResult:
-    """The trained dense network of ``seed`` condensified and fine-tuned for ``finetune_epochs``."""
+def _finetune(
+    context: Context, seed: int, lr: float, condense_end: float, name: str, **options: str
+) -> ArmResult:
+    """The trained dense network of ``seed`` condensified and fine-tuned for ``finetune_epochs``;
+    ``options``: the scheduler's ``importance`` / ``schedule`` when not the paper's."""
     recipe = context.recipe
     model = condense_network(
         context.trained_dense(seed),
@@ -589,8 +602,9 @@ def _finetune(context: Context, seed: int, lr: float, condense_end: float, name:
         lr=lr,
         condense_end=condense_end,
         desc=f"{name} {seed}",
+        **options,
     )
-    extra = {"lr": lr, "condense_end": condense_end}
+    extra = {"lr": lr, "condense_end": condense_end, **options}
     return ArmResult(lgconv.finalize(model), recipe.finetune_epochs, training, extra)
 
 
@@ -634,6 +648,127 @@ def run_lgc_finetune_lr01(context: Context, seed: int) -> ArmResult:
     return _finetune(
         context, seed, context.recipe.lr, context.recipe.finetune_condense_end, "lgc_finetune_lr01"
     )
+
+
+@arm(
+    "lgc_activation",
+    "lgc with data-aware importance: |W| times each input's RMS over training batches (Wanda-style)",
+)
+def run_lgc_activation(context: Context, seed: int) -> ArmResult:
+    return _learned(
+        context, seed, recalibrate=False, desc=f"lgc_activation seed {seed}", importance="activation"
+    )
+
+
+@arm("lgc_gradual", "lgc with gradual (cubic) drops over the first 25% of training instead of 3 cuts")
+def run_lgc_gradual(context: Context, seed: int) -> ArmResult:
+    return _learned(
+        context,
+        seed,
+        recalibrate=False,
+        desc=f"lgc_gradual seed {seed}",
+        schedule="gradual",
+        condense_end=0.25,
+    )
+
+
+@arm("lgc_gradual_end05", "lgc with gradual (cubic) drops over the first half of training (the paper's end)")
+def run_lgc_gradual_end05(context: Context, seed: int) -> ArmResult:
+    return _learned(
+        context, seed, recalibrate=False, desc=f"lgc_gradual_end05 seed {seed}", schedule="gradual"
+    )
+
+
+@arm(
+    "lgc_finetune_activation",
+    "lgc_finetune with data-aware importance (|W| times each input's RMS over training batches)",
+    needs=("dense",),
+)
+def run_lgc_finetune_activation(context: Context, seed: int) -> ArmResult:
+    recipe = context.recipe
+    return _finetune(
+        context,
+        seed,
+        recipe.finetune_lr,
+        recipe.finetune_condense_end,
+        "lgc_finetune_activation",
+        importance="activation",
+    )
+
+
+@arm(
+    "lgc_finetune_gradual",
+    "lgc_finetune with gradual (cubic) drops over the first 25% of the fine-tune",
+    needs=("dense",),
+)
+def run_lgc_finetune_gradual(context: Context, seed: int) -> ArmResult:
+    return _finetune(
+        context, seed, context.recipe.finetune_lr, 0.25, "lgc_finetune_gradual", schedule="gradual"
+    )
+
+
+@arm(
+    "lgc_finetune_combined",
+    "lgc_finetune with data-aware importance, the last drop at 25% and lr 0.1",
+    needs=("dense",),
+)
+def run_lgc_finetune_combined(context: Context, seed: int) -> ArmResult:
+    return _finetune(context, seed, context.recipe.lr, 0.25, "lgc_finetune_combined", importance="activation")
+
+
+@arm(
+    "lgc_finetune_combined_gradual",
+    "lgc_finetune_combined with gradual (cubic) drops over the first 25%",
+    needs=("dense",),
+)
+def run_lgc_finetune_combined_gradual(context: Context, seed: int) -> ArmResult:
+    return _finetune(
+        context,
+        seed,
+        context.recipe.lr,
+        0.25,
+        "lgc_finetune_combined_gradual",
+        importance="activation",
+        schedule="gradual",
+    )
+
+
+@arm(
+    "lgc_finetune_early_lr01",
+    "lgc_finetune with the last drop at 25% and lr 0.1 (both earlier changes together, weight importance)",
+    needs=("dense",),
+)
+def run_lgc_finetune_early_lr01(context: Context, seed: int) -> ArmResult:
+    return _finetune(context, seed, context.recipe.lr, 0.25, "lgc_finetune_early_lr01")
+
+
+@arm(
+    "lgc_finetune_gradual_lr01",
+    "lgc_finetune with gradual (cubic) drops over the first 25% and lr 0.1 (weight importance)",
+    needs=("dense",),
+)
+def run_lgc_finetune_gradual_lr01(context: Context, seed: int) -> ArmResult:
+    return _finetune(context, seed, context.recipe.lr, 0.25, "lgc_finetune_gradual_lr01", schedule="gradual")
+
+
+@arm(
+    "lgc_finetune_gradual_lr01_end0125",
+    "lgc_finetune_gradual_lr01 with its gradual drops over the first 12.5% (half an epoch), not 25%",
+    needs=("dense",),
+)
+def run_lgc_finetune_gradual_lr01_end0125(context: Context, seed: int) -> ArmResult:
+    name = "lgc_finetune_gradual_lr01_end0125"
+    return _finetune(context, seed, context.recipe.lr, 0.125, name, schedule="gradual")
+
+
+@arm(
+    "lgc_finetune_gradual_lr01_end05",
+    "lgc_finetune_gradual_lr01 with its gradual drops over the first half (the paper's end), not 25%",
+    needs=("dense",),
+)
+def run_lgc_finetune_gradual_lr01_end05(context: Context, seed: int) -> ArmResult:
+    name = "lgc_finetune_gradual_lr01_end05"
+    return _finetune(context, seed, context.recipe.lr, 0.5, name, schedule="gradual")
 
 
 # --- the suite ----------------------------------------------------------------------------------

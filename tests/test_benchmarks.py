@@ -145,8 +145,17 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
         "lgc_finetune",
         "lgc_bn_recal",
         "lgc_budget",
+        "lgc_activation",
+        "lgc_gradual",
+        "lgc_finetune_activation",
+        "lgc_finetune_gradual",
+        "lgc_finetune_combined",
+        "lgc_finetune_combined_gradual",
     ):
         assert abs(runs[name]["flops"] / target - 1) <= 0.05, name
+    assert runs["lgc_activation"]["importance"] == "activation" and "drops" in runs["lgc_activation"]
+    assert runs["lgc_gradual"]["schedule"] == "gradual" and "drops" not in runs["lgc_gradual"]
+    assert runs["lgc_finetune_combined"]["lr"] == result["recipe"]["lr"]
     assert 0.85 * target <= runs["channel_pruning"]["flops"] <= target
     assert runs["lgc_finetune"]["epochs"] * 2 <= runs["lgc"]["epochs"]
     assert all("recalibrated_accuracy" in drop for drop in runs["lgc_bn_recal"]["drops"])
@@ -175,6 +184,10 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
     text = page.read_text()
     assert text.startswith("intro\n") and text.endswith("kept\n") and "old" not in text
     assert "| `lgc` | 2 |" in text and "| `lgc_finetune` | 1 |" in text
+    combined = next(
+        line for line in text.splitlines() if line.startswith("- variant `lgc_finetune_combined`")
+    )
+    assert "vs `lgc_finetune`" in combined and "≥ `channel_pruning`: " in combined
     assert (
         "- `lgc` within 1.0 point of `dense`:" in text and "![accuracy against FLOPs](img/plot.png)" in text
     )

@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -50,7 +51,7 @@ def _all_equal(tensor: torch.Tensor) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, options: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -59,7 +60,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         model = lgconv.condensify(_net(), groups=4, condense_factor=4, layout="interleaved")
         ddp = DistributedDataParallel(model)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        scheduler = lgconv.CondensationScheduler(ddp, STEPS, lasso=1e-3)
+        scheduler = lgconv.CondensationScheduler(ddp, STEPS, lasso=1e-3, **options)
         generator = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
         for _ in range(STEPS):
             x = torch.randn(8, 1, 8, 8, generator=generator)
@@ -108,8 +109,12 @@ def _condensed_locally(seed: int) -> nn.Module:
     return model
 
 
-def test_two_gloo_ranks_with_different_data_end_with_identical_masks(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize(
+    "options", [{}, {"importance": "activation", "schedule": "gradual"}], ids=["paper", "activation-gradual"]
+)
+def test_two_gloo_ranks_with_different_data_end_with_identical_masks(tmp_path, options):
+    """Activation statistics differ between ranks (different data); the first rank's masks win."""
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), options), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
     for result in results:
         assert result["stages"] == [3, 3]

@@ -385,3 +385,53 @@ def test_from_conv_refuses_a_conv_of_another_dimension():
         LearnedGroupConv1d.from_conv(nn.Conv2d(4, 4, 1))
     with pytest.raises(TypeError, match="no learned group form for ConvTranspose1d"):
         learned_group_conv_type(nn.ConvTranspose1d(4, 4, 1))
+
+
+# --- condense(inputs=..., input_scale=...): the gradual and data-aware options of the scheduler ----
+@given(cfg=group_configs(), stage=st.integers(0, 4), seed=st.integers(0, 2**16))
+def test_importance_with_an_input_scale_is_the_weight_importance_times_the_scale(cfg, stage, seed):
+    layer = condense_to(make_conv(cfg, 3, seed=seed), stage)
+    scale = torch.rand(cfg.in_channels, generator=torch.Generator().manual_seed(seed))
+    expected = naive_importance(layer) * scale.double()
+    torch.testing.assert_close(layer.importance(scale).double(), expected, rtol=1e-5, atol=1e-6)
+    if layer.fully_condensed:
+        return
+    before = layer.group_mask().clone()
+    layer.condense(input_scale=scale)
+    dropped = before & ~layer.group_mask()
+    drop = cfg.in_channels // cfg.condense_factor
+    for g in range(cfg.groups):
+        kept = [j for j in range(cfg.in_channels) if before[g, j]]
+        chosen = sorted(kept, key=lambda j: (expected[g, j].item(), j))[:drop]
+        assert dropped[g].nonzero()[:, 0].tolist() == sorted(chosen)
+
+
+@given(cfg=group_configs(), seed=st.integers(0, 2**16), data=st.data())
+def test_condense_by_any_number_of_inputs_counts_stages_in_whole_chunks_and_finalizes_exactly(
+    cfg, seed, data
+):
+    layer = make_conv(cfg, seed=seed)
+    chunk = cfg.in_channels // cfg.condense_factor
+    while not layer.fully_condensed:
+        kept = int(layer.kept_inputs)
+        drop = data.draw(st.integers(1, kept - chunk))
+        before = layer.group_mask().clone()
+        layer.condense(drop)
+        assert (before.sum(1) - layer.group_mask().sum(1) == drop).all()
+        assert not (layer.group_mask() & ~before).any()
+        assert int(layer.kept_inputs) == kept - drop
+        assert int(layer.stage) == (cfg.in_channels - kept + drop) // chunk
+        assert_finalize_exact(layer, torch.randn(2, cfg.in_channels, 3, 3))
+        layer.train()
+    assert int(layer.stage) == layer.max_stage and int(layer.kept_inputs) == chunk
+
+
+def test_condense_refuses_a_count_past_the_final_structure_and_a_misshapen_scale():
+    layer = LearnedGroupConv(8, 8, learned_groups=2, condense_factor=4)
+    with pytest.raises(ValueError, match=r"inputs must be an integer in \[1, 6\].*got 7"):
+        layer.condense(7)
+    with pytest.raises(ValueError, match=r"inputs must be an integer in \[1, 6\].*got 0"):
+        layer.condense(0)
+    with pytest.raises(ValueError, match=r"input_scale must have shape \(8,\).*got \(4,\)"):
+        layer.condense(input_scale=torch.ones(4))
+    assert int(layer.kept_inputs) == 8 and int(layer.stage) == 0

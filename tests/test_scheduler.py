@@ -367,3 +367,193 @@ def test_step_reports_a_jump_over_several_boundaries_once():
     scheduler.step_count = 5
     assert scheduler.step() is True and stages(model) == [3]
     assert scheduler.step() is False
+
+
+# --- options beyond the paper: data-aware importance, gradual drops, a start --------------------
+def test_activation_importance_drops_the_inputs_that_are_near_zero_despite_large_weights():
+    """Inputs 0-3 carry the largest weights but tiny activations: weight importance keeps them,
+    activation importance drops them first."""
+    kept = {}
+    for importance in ("weight", "activation"):
+        layer = LearnedGroupConv(8, 4, learned_groups=1, condense_factor=2)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([4.0, 4, 4, 4, 1, 1, 1, 1]).view(1, 8, 1, 1).expand(4, 8, 1, 1))
+        scheduler = CondensationScheduler(layer, 4, importance=importance)
+        scale = torch.tensor([1e-3] * 4 + [1.0] * 4).view(1, 8, 1, 1)
+        layer(torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(0)) * scale)
+        layer.eval()
+        layer(torch.randn(16, 8, 3, 3) * 1e3)  # eval batches are not recorded
+        layer.train()
+        scheduler.step()
+        scheduler.step()
+        kept[importance] = layer.group_mask()[0].nonzero().flatten().tolist()
+    assert kept == {"weight": [0, 1, 2, 3], "activation": [4, 5, 6, 7]}
+
+
+def test_input_statistics_are_a_running_mean_square_recorded_only_while_condensing():
+    layer = LearnedGroupConv(4, 4, learned_groups=2, condense_factor=2)
+    scheduler = CondensationScheduler(layer, 4, importance="activation")
+    first, second = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    layer(first)
+    torch.testing.assert_close(layer.input_power, first.pow(2).mean(dim=(0, 2, 3)))
+    layer(second)  # batch 2 weighs 1/2, later ones STATISTICS_MOMENTUM
+    torch.testing.assert_close(
+        layer.input_power, (first.pow(2).mean(dim=(0, 2, 3)) + second.pow(2).mean(dim=(0, 2, 3))) / 2
+    )
+    scheduler.step()
+    scheduler.step()  # the last drop: statistics are no longer kept
+    assert not scheduler.condensing and int(layer.input_batches) == 2
+    layer(torch.randn(2, 4, 3, 3))
+    assert int(layer.input_batches) == 2 and not layer._forward_pre_hooks
+    assert "input_power" not in layer.state_dict()  # non-persistent: model files are unchanged
+
+
+def test_linear_layers_record_statistics_over_their_last_dimension():
+    model = lgconv.condensify(nn.Sequential(nn.Linear(6, 8)), groups=2, condense_factor=2, linear=True)
+    CondensationScheduler(model, 4, importance="activation")
+    x = torch.randn(3, 5, 6)
+    model(x)
+    torch.testing.assert_close(model[0].input_power, x.pow(2).mean(dim=(0, 1)))
+
+
+@given(
+    total=st.integers(1, 80),
+    factor=st.integers(2, 8),
+    width=st.integers(1, 4),
+    start_percent=st.integers(0, 40),
+    end_percent=st.integers(41, 100),
+)
+def test_gradual_drops_follow_the_cubic_and_end_at_the_stepwise_structure(
+    total, factor, width, start_percent, end_percent
+):
+    in_features = factor * width * 2
+    gradual = nn.Sequential(LearnedGroupConv(in_features, 4, learned_groups=2, condense_factor=factor))
+    stepwise = copy.deepcopy(gradual)
+    start, end = Fraction(start_percent, 100), Fraction(end_percent, 100)
+    options = {"condense_start": start_percent / 100, "condense_end": end_percent / 100}
+    schedulers = [
+        CondensationScheduler(gradual, total, schedule="gradual", **options),
+        CondensationScheduler(stepwise, total, **options),
+    ]
+    removable = in_features - in_features // factor
+    previous = 0
+    for step in range(1, total + 2):
+        for scheduler in schedulers:
+            scheduler.step()
+        through = min(max((Fraction(step, total) - start) / (end - start), Fraction(0)), Fraction(1))
+        dropped = in_features - int(gradual[0].kept_inputs)
+        assert dropped == math.floor(removable * (1 - (1 - through) ** 3)), step
+        assert dropped >= previous and int(gradual[0].stage) == dropped // (in_features // factor)
+        assert int(gradual[0].group_mask().sum(1).unique().numel()) == 1  # groups keep equal counts
+        previous = dropped
+    assert gradual[0].fully_condensed and stages(gradual) == stages(stepwise) == [factor - 1]
+    assert int(gradual[0].kept_inputs) == int(stepwise[0].kept_inputs) == in_features // factor
+
+
+def test_gradual_drops_in_many_small_steps_where_stepwise_cuts_three_times():
+    reports = {}
+    for schedule in ("stepwise", "gradual"):
+        model = lgc_stack(4, width=48)
+        scheduler = CondensationScheduler(model, 60, schedule=schedule)
+        reports[schedule] = sum(scheduler.step() for _ in range(60))
+    assert reports["stepwise"] == 3 and reports["gradual"] >= 15
+
+
+def test_condense_start_delays_every_drop():
+    model = lgc_stack(3)
+    scheduler = CondensationScheduler(model, 100, condense_start=0.2, condense_end=0.6)
+    history = [stages(model)[0] for _ in range(100) if scheduler.step() or True]
+    assert history[38] == 0 and history[39] == 1  # halfway through [0.2, 0.6]
+    assert history[58] == 1 and history[59] == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"condense_start": 0.5}, r"condense_start must be in \[0, condense_end=0.5\), got 0.5"),
+        ({"condense_start": -0.1}, r"condense_start must be in \[0"),
+        ({"importance": "wanda"}, r"importance must be one of \('weight', 'activation'\), got 'wanda'"),
+        ({"schedule": "cubic"}, r"schedule must be one of \('stepwise', 'gradual'\), got 'cubic'"),
+    ],
+)
+def test_bad_new_options_have_clear_messages(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CondensationScheduler(lgc_stack(2), 10, **kwargs)
+
+
+@pytest.mark.parametrize("schedule", ["stepwise", "gradual"])
+def test_resume_with_activation_importance_is_bit_identical_and_finalizes_exactly(tmp_path, schedule):
+    total = 24
+    data = batches(total)
+    options = {"importance": "activation", "schedule": schedule}
+
+    def fresh(seed: int, **kwargs):
+        model = make_net(seed)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        return model, optimizer, CondensationScheduler(model, total, **kwargs)
+
+    model, optimizer, scheduler = fresh(0, **options)
+    train_steps(model, optimizer, scheduler, data)
+    reference = fresh(0, schedule=schedule)  # the paper's importance drops other inputs
+    train_steps(*reference, data)
+    assert any(
+        not torch.equal(a.mask, b.mask)
+        for (_, a), (_, b) in zip(learned_group_layers(model), learned_group_layers(reference[0]))
+    )
+
+    first = fresh(0, **options)
+    train_steps(*first, data[:7])
+    path = tmp_path / "checkpoint.pt"
+    torch.save({name: part.state_dict() for name, part in zip(("model", "opt", "sched"), first)}, path)
+    resumed = fresh(123)  # the paper's settings: the checkpoint's options and statistics override them
+    state = torch.load(path, weights_only=True)
+    resumed[0].load_state_dict(state["model"])
+    resumed[1].load_state_dict(state["opt"])
+    resumed[2].load_state_dict(state["sched"])
+    assert (resumed[2].importance, resumed[2].schedule) == ("activation", schedule)
+    train_steps(*resumed, data[7:])
+
+    assert stages(model) == stages(resumed[0]) == [3, 3]
+    for (name, value), other in zip(model.state_dict().items(), resumed[0].state_dict().values()):
+        assert torch.equal(value, other), name
+    assert_finalize_exact(resumed[0], torch.randn(2, 1, 8, 8))
+
+
+def test_an_older_checkpoint_without_the_new_settings_still_loads():
+    scheduler = CondensationScheduler(lgc_stack(4), 12, schedule="gradual")
+    scheduler.load_state_dict({"step_count": 6, "total_steps": 12, "lasso": 0.0, "condense_end": 0.5})
+    assert scheduler.schedule == "gradual" and scheduler.condense_start == 0.0
+    assert int(scheduler.layers[0][1].stage) == 3
+    with pytest.raises(ValueError, match="input statistics of 1 layers, the model has 2"):
+        CondensationScheduler(make_net(), 12).load_state_dict(
+            {**scheduler.state_dict(), "input_power": [torch.ones(24)], "input_batches": [1]}
+        )
+
+
+def test_an_ema_deepcopy_and_copy_masks_work_with_activation_statistics():
+    model = make_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = CondensationScheduler(model, 6, importance="activation", schedule="gradual")
+    ema = copy.deepcopy(model).eval()  # carries the hooks; eval batches record nothing
+    train_steps(model, optimizer, scheduler, batches(6))
+    with torch.no_grad():
+        ema(torch.randn(2, 1, 8, 8))
+    assert all(int(m.input_batches) == 0 for _, m in learned_group_layers(ema))
+    scheduler.copy_masks_to(ema)
+    for (_, a), (_, b) in zip(learned_group_layers(model), learned_group_layers(ema)):
+        assert torch.equal(a.mask, b.mask) and int(b.stage) == 3
+    assert_finalize_exact(ema, torch.randn(2, 1, 8, 8))
+
+
+def test_activation_statistics_are_recorded_through_a_torch_compile_wrapper():
+    """The hooks must exist when dynamo first traces the module: torch does not guard on module
+    hooks, so code compiled earlier for the same module class (another test here) would skip them."""
+    torch._dynamo.reset()
+    model = make_net()
+    compiled = torch.compile(model, backend="eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = CondensationScheduler(compiled, 6, importance="activation")
+    train_steps(compiled, optimizer, scheduler, batches(6))
+    assert stages(model) == [3, 3]
+    assert all(int(m.input_batches) == 3 and bool((m.input_power > 0).any()) for _, m in scheduler.layers)
+    assert_finalize_exact(model, torch.randn(2, 1, 8, 8))

@@ -132,20 +132,36 @@ class LearnedGroupMixin:
         out_features, in_features = self.weight.shape[:2]
         return self._by_group(self.mask.reshape(out_features, in_features))[:, 0]
 
-    def importance(self) -> Tensor:
-        """Importance of input j for group g: sum over the group's outputs of |masked W[o, j]|."""
+    def importance(self, input_scale: Tensor | None = None) -> Tensor:
+        """Importance of input j for group g: sum over the group's outputs of |masked W[o, j]|.
+
+        ``input_scale`` (in,), when given, multiplies input j's importance by the typical size of
+        that input (e.g. its RMS over training batches), so an input that is near zero ranks low
+        whatever its weights (the data-aware score of Wanda, |W| * ||x||).
+        """
         out_features, in_features = self.weight.shape[:2]
         weight = self.weight.detach()
         dtype = torch.promote_types(weight.dtype, torch.float32)
         # All outputs of a group share its mask: sum |W| over the group first, then mask (groups, in)
         # instead of (out, in); one pass over the weight, no copies (a ResNet-50 step stays < 50 ms).
         magnitude = self._by_group(weight.abs().reshape(out_features, -1)).sum(1, dtype=dtype)
-        return magnitude.reshape(self.learned_groups, in_features, -1).sum(-1) * self.group_mask()
+        magnitude = magnitude.reshape(self.learned_groups, in_features, -1).sum(-1)
+        if input_scale is not None:
+            if input_scale.shape != (in_features,):
+                raise ValueError(
+                    f"input_scale must have shape ({in_features},) (one value per input), "
+                    f"got {tuple(input_scale.shape)}"
+                )
+            magnitude = magnitude * input_scale.detach().to(magnitude)
+        return magnitude * self.group_mask()
 
     @torch.no_grad()
-    def condense(self) -> None:
-        """Drop ``in / condense_factor`` of the still-kept inputs of every group, least important first.
+    def condense(self, inputs: int | None = None, input_scale: Tensor | None = None) -> None:
+        """Drop ``inputs`` (default ``in / condense_factor``) of the still-kept inputs of every group,
+        least important first (see :meth:`importance` for ``input_scale``).
 
+        ``stage`` counts the multiples of ``in / condense_factor`` dropped so far, so smaller drops
+        (a gradual schedule) reach ``max_stage`` exactly when ``in / condense_factor`` inputs remain.
         Ties are broken towards the lower channel index so every process drops the same inputs.
         Inputs already dropped are never candidates, even when the weights hold NaN or inf.
         """
@@ -154,15 +170,23 @@ class LearnedGroupMixin:
                 f"{type(self).__name__} is already fully condensed "
                 f"(stage {int(self.stage)} of {self.max_stage}); nothing left to drop"
             )
+        in_features = self.weight.shape[1]
+        chunk = in_features // self.condense_factor
+        kept = int(self.kept_inputs)
+        drop = chunk if inputs is None else inputs
+        if isinstance(drop, bool) or not isinstance(drop, int) or not 1 <= drop <= kept - chunk:
+            raise ValueError(
+                f"inputs must be an integer in [1, {kept - chunk}] (the kept {kept} down to the final "
+                f"{chunk} per group), got {inputs!r}"
+            )
         keep = self.group_mask()
-        drop = self.weight.shape[1] // self.condense_factor
-        by_importance = self.importance().argsort(dim=1, stable=True)
+        by_importance = self.importance(input_scale).argsort(dim=1, stable=True)
         kept_first = (~keep).gather(1, by_importance).to(torch.uint8).argsort(dim=1, stable=True)
         dropped = by_importance.gather(1, kept_first[:, :drop])
         keep = keep.clone().scatter_(1, dropped, False)
         self._set_group_mask(keep)
-        self.stage.add_(1)
         self.kept_inputs.sub_(drop)
+        self.stage.fill_((in_features - kept + drop) // chunk)
 
     def group_lasso(self) -> Tensor:
         """Sum over groups and kept inputs of the L2 norm of the group's weights on that input."""

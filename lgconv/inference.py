@@ -31,7 +31,7 @@ from lgconv.layers.fused_condensed_conv import (
     FusedCondensedConv2d,
     is_pointwise,
 )
-from lgconv.layers.learned_group import LearnedGroupMixin, grouped_order
+from lgconv.layers.learned_group import LearnedGroupMixin, grouped_connections
 from lgconv.layers.native_avg_pool import computes_avg_pool2x2
 from lgconv.layers.native_grouped_conv import computes_grouped_conv3x3
 
@@ -151,10 +151,7 @@ def _norm_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
 def _dense_weight(layer: CondensedConv2d) -> tuple[Tensor, Tensor]:
     """The condensed layer as a dense (out, in, kh, kw) float64 weight with zeros, and its bias."""
     conv = layer.conv
-    groups, kept = layer.groups, layer.kept_inputs
-    rows = grouped_order(layer.out_channels, groups, layer.layout).to(conv.weight.device)
-    row_group = torch.arange(layer.out_channels, device=rows.device) // (layer.out_channels // groups)
-    columns = layer.index.view(groups, kept)[row_group]
+    rows, columns = grouped_connections(layer.index, layer.out_channels, layer.groups, layer.layout)
     dense = conv.weight.new_zeros(
         (layer.out_channels, layer.in_channels, *conv.kernel_size), dtype=torch.float64
     )
@@ -204,10 +201,8 @@ def _build(folded: _Folded, kernel: str) -> FusedCondensedConv2d:
     groups = layer.groups if kernel in ("grouped", "native") else 1
     if kernel in ("grouped", "native"):
         index: Tensor | None = layer.index
-        kept = layer.kept_inputs
-        rows = grouped_order(layer.out_channels, groups, layer.layout).to(layer.index.device)
-        row_group = torch.arange(layer.out_channels, device=rows.device) // (layer.out_channels // groups)
-        weight = folded.weight[rows[:, None], layer.index.view(groups, kept)[row_group]]
+        rows, columns = grouped_connections(layer.index, layer.out_channels, groups, layer.layout)
+        weight = folded.weight[rows[:, None], columns]
         bias = folded.bias[rows]
         order = None if torch.equal(rows, torch.arange(len(rows), device=rows.device)) else rows.argsort()
     else:
@@ -476,8 +471,7 @@ def _linear_candidates(layer: CondensedLinear) -> list[nn.Module]:
     forms: list[nn.Module] = [layer]
     if kernels.load_native():
         forms.append(layer.with_kernel("native"))
-    rows = grouped_order(layer.out_features, layer.groups, layer.layout).to(layer.weight.device)
-    row_group = torch.arange(layer.out_features, device=rows.device) // (layer.out_features // layer.groups)
+    rows, columns = grouped_connections(layer.index, layer.out_features, layer.groups, layer.layout)
     dense = nn.Linear(
         layer.in_features,
         layer.out_features,
@@ -487,7 +481,7 @@ def _linear_candidates(layer: CondensedLinear) -> list[nn.Module]:
     )
     with torch.no_grad():
         dense.weight.zero_()
-        dense.weight[rows[:, None], layer.index.view(layer.groups, -1)[row_group]] = layer.weight
+        dense.weight[rows[:, None], columns] = layer.weight
         if layer.bias is not None:
             dense.bias.copy_(layer.bias)
     forms.append(dense.eval())

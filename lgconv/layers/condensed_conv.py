@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lgconv.layers.conv_geometry import conv_geometry
-from lgconv.layers.learned_group import Layout, grouped_order
+from lgconv.layers.learned_group import Layout, grouped_connections, grouped_order
 from lgconv.layers.learned_group_conv import LearnedGroupConvNd
 
 
@@ -88,9 +88,7 @@ class CondensedConvNd(nn.Module):
             dtype=weight.dtype,
             **conv_geometry(layer),
         )
-        rows = grouped_order(layer.out_channels, groups, layer.layout).to(weight.device)
-        row_group = torch.arange(layer.out_channels, device=weight.device) // (layer.out_channels // groups)
-        columns = index.view(groups, kept)[row_group]
+        rows, columns = grouped_connections(index, layer.out_channels, groups, layer.layout)
         with torch.no_grad():
             condensed.index.copy_(index)
             condensed.conv.weight.copy_(weight[rows[:, None], columns])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lgconv import kernels
-from lgconv.layers.learned_group import Layout, grouped_order
+from lgconv.layers.learned_group import Layout, grouped_connections, grouped_order
 from lgconv.layers.learned_group_linear import LearnedGroupLinear
 from lgconv.layers.onnx_export import exporting_onnx
 
@@ -75,11 +75,10 @@ class CondensedLinear(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
-        rows = grouped_order(layer.out_features, groups, layer.layout).to(weight.device)
-        row_group = torch.arange(layer.out_features, device=weight.device) // (layer.out_features // groups)
+        rows, columns = grouped_connections(index, layer.out_features, groups, layer.layout)
         with torch.no_grad():
             condensed.index.copy_(index)
-            condensed.weight.copy_(weight[rows[:, None], index.view(groups, kept)[row_group]])
+            condensed.weight.copy_(weight[rows[:, None], columns])
             if layer.bias is not None:
                 condensed.bias.copy_(layer.bias.detach())
         condensed.weight.requires_grad_(layer.weight.requires_grad)

@@ -57,6 +57,17 @@ def grouped_order(out_features: int, learned_groups: int, layout: str) -> Tensor
     return output_groups(out_features, learned_groups, layout).argsort(stable=True)
 
 
+def grouped_connections(
+    index: Tensor, out_features: int, learned_groups: int, layout: str
+) -> tuple[Tensor, Tensor]:
+    """Where each row of a grouped layer (rows listed group by group, gathering ``index``) sits in
+    the masked layer: its output channel (``rows``) and the inputs it reads (``columns``, one row of
+    them per grouped row), so ``dense[rows[:, None], columns]`` holds the grouped weight."""
+    rows = grouped_order(out_features, learned_groups, layout).to(index.device)
+    row_group = torch.arange(out_features, device=index.device) // (out_features // learned_groups)
+    return rows, index.view(learned_groups, -1)[row_group]
+
+
 class LearnedGroupMixin:
     """Adds learned-group condensing to a layer that has ``weight`` of shape (out, in, *kernel).
 

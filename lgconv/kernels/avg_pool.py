@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-from lgconv.kernels.pointwise import output_format
+from lgconv.kernels.pointwise import empty_output, output_format
 
 AVG_POOL_OP = "lgconv::avg_pool2x2"
 
@@ -23,8 +23,7 @@ def avg_pool2x2_reference(input: Tensor) -> Tensor:
 
 def _fake(input: Tensor) -> Tensor:
     batch, channels, height, width = input.shape
-    shape = (batch, channels, height // 2, width // 2)
-    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=output_format(input))
+    return empty_output(input, (batch, channels, height // 2, width // 2))
 
 
 torch.library.define(AVG_POOL_OP, "(Tensor input) -> Tensor")

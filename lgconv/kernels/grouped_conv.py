@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-from lgconv.kernels.pointwise import output_format
+from lgconv.kernels.pointwise import empty_output, output_format
 
 GROUPED_CONV_OP = "lgconv::grouped_conv3x3"
 _SCHEMA = "(Tensor input, Tensor weight, Tensor? bias, int groups) -> Tensor"
@@ -32,8 +32,7 @@ def grouped_conv3x3_reference(
 
 def _fake(input: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:  # noqa: UP045
     batch, _, height, width = input.shape
-    shape = (batch, weight.shape[0], height, width)
-    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=output_format(input))
+    return empty_output(input, (batch, weight.shape[0], height, width))
 
 
 torch.library.define(GROUPED_CONV_OP, _SCHEMA)

@@ -26,6 +26,11 @@ def output_format(input: Tensor) -> torch.memory_format:
     return torch.channels_last if input.shape[1] > 1 and input.stride(1) == 1 else torch.contiguous_format
 
 
+def empty_output(input: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """An uninitialised output of ``shape`` laid out as the kernels lay out theirs for ``input``."""
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=output_format(input))
+
+
 def condensed_pointwise_reference(
     input: Tensor,
     index: Tensor,
@@ -70,8 +75,7 @@ def _fake(
     groups: int,
 ) -> Tensor:
     batch, _, height, width = input.shape
-    shape = (batch, weight.shape[0], height, width)
-    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=output_format(input))
+    return empty_output(input, (batch, weight.shape[0], height, width))
 
 
 torch.library.define(OP_NAME, _SCHEMA)

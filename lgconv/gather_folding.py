@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx, nn
 
-from lgconv.inference import _set
+from lgconv.inference import _norm_affine, _set
 from lgconv.layers import CondensedConv2d
 
 
@@ -71,13 +71,7 @@ def _rows(conv: nn.Conv2d, index: Tensor, norm: nn.BatchNorm2d | None) -> nn.Con
     if conv.bias is not None:
         bias = conv.bias.detach().double()[index]
     if norm is not None:
-        scale = torch.rsqrt(norm.running_var.double() + norm.eps)
-        if norm.weight is not None:
-            scale = scale * norm.weight.double()
-        shift = -norm.running_mean.double() * scale
-        if norm.bias is not None:
-            shift = shift + norm.bias.double()
-        scale, shift = scale[index], shift[index]
+        scale, shift = (values[index] for values in _norm_affine(norm))
         weight = weight * scale.view(-1, 1, 1, 1)
         bias = bias * scale + shift
     rows = nn.Conv2d(

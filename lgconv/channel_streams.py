@@ -63,31 +63,40 @@ def _is_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return type(module) is nn.BatchNorm2d and not module.training
 
 
-def _linear_head(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int]) -> str | None:
-    """The ``nn.Linear`` that ``node`` (a stream reader) reaches through global average pooling,
-    flatten and eval dropout, each read once; None otherwise."""
+def _linear_head(
+    node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], channels: int
+) -> str | None:
+    """The ``nn.Linear`` over ``channels`` features that ``node`` (a stream reader) reaches through
+    global average pooling, flatten and eval dropout, each read once; None otherwise."""
     current, pooled = node, False
     while current.op in ("call_module", "call_method", "call_function"):
         if current.op == "call_module":
             module = modules[current.target]
             if isinstance(module, nn.Linear):
-                return current.target if pooled and calls[current.target] == 1 else None
+                reads_stream = pooled and module.in_features == channels
+                return current.target if reads_stream and calls[current.target] == 1 else None
             if isinstance(module, nn.AdaptiveAvgPool2d):
                 pooled = module.output_size in (1, (1, 1))
-            elif hasattr(module, "pool_type") and getattr(module, "pool_type", None) == "avg":
+            elif getattr(module, "pool_type", None) == "avg":
                 pooled = True  # timm's SelectAdaptivePool2d with average pooling
             elif not isinstance(module, _POOLS) or (isinstance(module, nn.Dropout) and module.training):
                 return None
         elif current.op == "call_method" and current.target == "mean":
             dims = current.args[1] if len(current.args) > 1 else current.kwargs.get("dim")
             pooled = tuple(sorted(dims)) in ((2, 3), (-2, -1)) if isinstance(dims, (tuple, list)) else False
-        elif not (current.op == "call_method" and current.target in ("flatten", "view", "reshape")):
-            if not (current.op == "call_function" and current.target is torch.flatten):
-                return None
+        elif not _flattens(current):
+            return None
         if len(current.users) != 1:
             return None
         current = next(iter(current.users))
     return None
+
+
+def _flattens(node: fx.Node) -> bool:
+    """A flatten, view or reshape (after global pooling: each channel stays one feature)."""
+    if node.op == "call_method":
+        return node.target in ("flatten", "view", "reshape")
+    return node.op == "call_function" and node.target is torch.flatten
 
 
 def find_streams(model: nn.Module, orders: dict[str, Tensor], tracer: fx.Tracer) -> list[Stream]:
@@ -162,21 +171,18 @@ def _grow(
                 continue
             if _is_add(user) or _is_norm(user, modules) or _is_relu(user, modules):
                 enter(user)
-            elif user.op == "call_module" and user.args[:1] == (node,) and calls[user.target] == 1:
+                continue
+            if user.op == "call_module" and user.args[:1] == (node,) and calls[user.target] == 1:
                 module = modules[user.target]
-                plain_conv = type(module) is nn.Conv2d and module.groups == 1
-                if isinstance(module, FusedCondensedConv2d) or plain_conv:
+                if isinstance(module, FusedCondensedConv2d) or (
+                    type(module) is nn.Conv2d and module.groups == 1
+                ):
                     readers.append(user.target)
                     continue
-                head = _linear_head(user, modules, calls)
-                if head is None:
-                    raise _NotAStream
-                readers.append(head)
-            else:
-                head = _linear_head(user, modules, calls) if user.op != "output" else None
-                if head is None:
-                    raise _NotAStream
-                readers.append(head)
+            head = _linear_head(user, modules, calls, order.numel())  # None for the model's output too
+            if head is None:
+                raise _NotAStream
+            readers.append(head)
     if not readers:
         raise _NotAStream
     return Stream(tuple(condensed), tuple(plain), tuple(norms), tuple(dict.fromkeys(readers)), order)

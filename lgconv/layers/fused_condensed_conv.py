@@ -166,8 +166,9 @@ class FusedCondensedConv2d(nn.Module):
                     buffers.get("order"),
                     groups,
                 )
-        # ONNX has no such op: its exporters record the grouped form below (same function).
-        if self.kernel == "native" and self.index is not None and not exporting_onnx():
+        # TorchScript calls the op here (eager did above); ONNX has no such op: its exporters record
+        # the grouped form below (same function).
+        if torch.jit.is_scripting() and self.kernel == "native" and self.index is not None:
             return torch.ops.lgconv.condensed_pointwise(
                 input,
                 self.index,

@@ -72,14 +72,19 @@ def op_arguments(draw, dtype: torch.dtype = torch.float32) -> tuple:
     return x, index, weight, bias, low, high, order, groups
 
 
+def assert_op_equals_reference(native_op, reference, args: tuple) -> None:
+    """The native op gives the reference's values, shape and strides (the fake promises them)."""
+    expected = reference(*args)
+    with torch.inference_mode():
+        actual = native_op(*args)
+    assert actual.shape == expected.shape and actual.stride() == expected.stride()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
 @settings(max_examples=60, deadline=None)
 @given(args=op_arguments())
 def test_native_equals_reference(native, args):
-    expected = condensed_pointwise_reference(*args)
-    with torch.inference_mode():
-        actual = op(*args)
-    assert actual.shape == expected.shape and actual.stride() == expected.stride()
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert_op_equals_reference(op, condensed_pointwise_reference, args)
 
 
 @settings(max_examples=20, deadline=None)
@@ -177,11 +182,7 @@ def conv3x3_arguments(draw, dtype: torch.dtype = torch.float32) -> tuple:
 @settings(max_examples=60, deadline=None)
 @given(args=conv3x3_arguments())
 def test_native_grouped_conv3x3_equals_reference(native, args):
-    expected = grouped_conv3x3_reference(*args)
-    with torch.inference_mode():
-        actual = conv3x3(*args)
-    assert actual.shape == expected.shape and actual.stride() == expected.stride()
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert_op_equals_reference(conv3x3, grouped_conv3x3_reference, args)
 
 
 @settings(max_examples=10, deadline=None)

@@ -392,6 +392,35 @@ def test_dense_blocks_of_any_1x1_kernel_and_atens_3x3_run_as_one_op(native, kern
     assert run.names.count("lgconv::dense_block") == 2
 
 
+_NO_BUILD = """
+import torch, lgconv
+from lgconv.kernels import load_native, native_loaded
+from lgconv.models import CondenseNet
+from lgconv.models.condensenet import condense_network
+model = CondenseNet((2, 2), (4, 8), num_classes=5, groups=2)
+condense_network(model, groups=2, condense_factor=2, classifier_condense_factor=2)
+model = lgconv.finalize(model.eval(), allow_partial=True)
+model = lgconv.optimize_for_inference(model, kernel="matmul")
+with torch.no_grad():
+    model(torch.randn(1, 3, 16, 16))
+print(native_loaded(), load_native.cache_info().currsize)
+"""
+
+
+def test_serving_without_the_native_kernels_never_starts_their_build():
+    """A dense block asks whether the kernels are loaded; a model that does not use them never
+    triggers the minute-long build just by running."""
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_BUILD],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "0"]
+
+
 def test_count_flops_counts_the_kept_connections(native):
     masked = _condensenet()
     x = torch.randn(2, 3, 16, 16)

@@ -11,7 +11,7 @@ runs a CondenseNet dense block of served layers (condensed 1x1, ReLU, grouped 3x
 """
 
 from lgconv.kernels.avg_pool import AVG_POOL_OP, avg_pool2x2_reference
-from lgconv.kernels.build import DISABLE_VARIABLE, load_native, native_disabled
+from lgconv.kernels.build import DISABLE_VARIABLE, load_native, native_disabled, native_loaded
 from lgconv.kernels.dense_block import DENSE_BLOCK_OP, dense_block_reference
 from lgconv.kernels.grouped_conv import GROUPED_CONV_OP, grouped_conv3x3_reference
 from lgconv.kernels.pointwise import OP_NAME, condensed_pointwise_reference
@@ -28,4 +28,5 @@ __all__ = [
     "grouped_conv3x3_reference",
     "load_native",
     "native_disabled",
+    "native_loaded",
 ]

@@ -127,3 +127,9 @@ def load_native() -> bool:
         stacklevel=2,
     )
     return False
+
+
+def native_loaded() -> bool:
+    """Whether ``load_native()`` has loaded the kernels in this process; never builds them (callers
+    that only speed up what already runs natively must not start a minute-long build)."""
+    return load_native.cache_info().currsize > 0 and load_native()

@@ -233,10 +233,11 @@ class DenseBlock(nn.Sequential):
     @torch.jit.unused
     def _native_operands(self, x: Tensor, layers: list[nn.Module]) -> list[list[Any]] | None:
         """``lgconv::dense_block``'s operand lists for ``x``, or None where the block is not served
-        by it: off CPU, without the native kernels, under a compiler or tracer, or a layer that is not."""
+        by it: off CPU, with the native kernels not loaded (this never builds them), under a compiler
+        or tracer, or with a layer that is not served."""
         if x.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return None
-        if not kernels.load_native():
+        if not kernels.native_loaded():
             return None
         per_layer = []
         for layer in layers:

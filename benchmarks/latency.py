@@ -289,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(_models.BUILDERS)}")
         plan = {name: plan.get(name, FULL.get(name, (1, 2))) for name in args.models}
-    machine = _timing.start_run(args, min_round_s=0.2)
+    # Half a second per sample: at 0.2 s a batch-1 sample of CondenseNet-86 was some 50 calls, few
+    # enough that the previous row's threads and a busy neighbour on a shared VM moved the medians by
+    # a third (optimised 3.84 ms, range 2.42-5.33, against 2.39 ms, range 2.08-3.12, at 0.5 s).
+    machine = _timing.start_run(args, min_round_s=0.5)
     args.runtimes = installed_runtimes(args.runtimes)
     rows = [row for name, batches in plan.items() for row in bench_network(name, batches, args)]
     _timing.finish_run(args, machine, rows, markdown)

@@ -371,7 +371,8 @@ def optimize_for_inference(
     leaves the batch norms alone. ``dense_grouped`` turns the model's other grouped convs (up to 8
     groups, e.g. CondenseNet's 3x3) into ``DenseGroupedConv2d``: always (True), never (False), or
     where timing on the example input says it is faster (None; then a 3x3 conv with stride 1 and
-    padding 1 may also become ``NativeGroupedConv2d``, the C++ op). With ``example_input``, 2x2
+    padding 1 may also become ``NativeGroupedConv2d``, the C++ op, and so may a plain 3x3 conv over up
+    to 32 inputs, such as a stem). With ``example_input``, 2x2
     average pools (stride 2) may become ``NativeAvgPool2d`` where timing says so (ATen's pool is
     slow on NCHW), and every ``CondensedLinear`` (ConvNeXt / ViT MLPs condensed with ``linear=True``)
     may run the fused C++ op or become a dense ``nn.Linear`` with zeros. Outputs equal the finalized
@@ -417,6 +418,9 @@ def optimize_for_inference(
         )
     if dense_grouped is None:
         candidates.update({name: _grouped_candidates(conv) for name, conv in originals.items()})
+        if kernels.load_native():
+            stems = {n: m for n, m in model.named_modules() if _narrow_window(m) and not n.startswith(inside)}
+            candidates.update({n: [conv, NativeGroupedConv2d.from_conv(conv)] for n, conv in stems.items()})
     if kernel == "auto":
         candidates.update({name: _linear_candidates(model.get_submodule(name)) for name in linears})
     if kernels.load_native():
@@ -464,6 +468,17 @@ def _grouped_candidates(conv: nn.Conv2d) -> list[nn.Module]:
     if computes_grouped_conv3x3(conv) and kernels.load_native():
         forms.append(NativeGroupedConv2d.from_conv(conv))
     return forms
+
+
+def _narrow_window(module: nn.Module) -> bool:
+    """A plain ungrouped 3x3 conv (stride 1, padding 1) over few inputs, such as a network's stem,
+    for which oneDNN often falls back to its slow generic path on NCHW tensors."""
+    return (
+        type(module) is nn.Conv2d
+        and module.groups == 1
+        and module.in_channels <= 32
+        and (computes_grouped_conv3x3(module))
+    )
 
 
 def _linear_candidates(layer: CondensedLinear) -> list[nn.Module]:

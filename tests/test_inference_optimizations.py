@@ -13,7 +13,13 @@ from torch import nn
 
 import lgconv
 from lgconv.inference import _linear_candidates
-from lgconv.layers import DenseGroupedConv2d, Folded, FusedCondensedConv2d, LearnedGroupConv
+from lgconv.layers import (
+    DenseGroupedConv2d,
+    Folded,
+    FusedCondensedConv2d,
+    LearnedGroupConv,
+    NativeGroupedConv2d,
+)
 from lgconv.layers.fused_condensed_conv import KERNELS, POINTWISE_KERNELS
 from lgconv.models import CondenseNet
 from lgconv.models.condensenet import condense_network
@@ -320,3 +326,22 @@ def test_layers_saved_with_the_old_boolean_clamp_still_load():
     rebuilt = FusedCondensedConv2d.from_config(old)
     assert rebuilt.clamp == "both" and rebuilt.low is not None and rebuilt.high is not None
     assert FusedCondensedConv2d.from_config({**old, "clamp": False}).clamp is None
+
+
+def test_a_narrow_plain_3x3_conv_is_offered_the_native_op(monkeypatch):
+    """A stem (a 3x3 conv over 3 inputs, which oneDNN runs on its slow path in NCHW) may become
+    ``NativeGroupedConv2d``; a strided or wide plain conv is not offered it."""
+    from lgconv import inference, kernels
+
+    if not kernels.load_native():
+        pytest.skip("the native kernels are not built here")
+    monkeypatch.setattr(inference, "_fastest", lambda candidates, x, repeats: candidates[-1])
+    torch.manual_seed(0)
+    masked = condense_all(perturb_(lgconv.models.condensenet50())).eval()
+    x = torch.randn(1, 3, 32, 32)
+    fast = lgconv.optimize_for_inference(lgconv.finalize(copy.deepcopy(masked)), x, repeats=1)
+    assert type(fast.features.conv0) is NativeGroupedConv2d
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), masked(x), atol=1e-5, rtol=1e-5)
+    assert not inference._narrow_window(nn.Conv2d(3, 16, 3, padding=1, stride=2))
+    assert not inference._narrow_window(nn.Conv2d(64, 64, 3, padding=1))

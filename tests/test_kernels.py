@@ -13,6 +13,7 @@ import torch
 from helpers import condense_all, perturb_
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lgconv
 from lgconv.kernels import (
@@ -20,6 +21,7 @@ from lgconv.kernels import (
     avg_pool2x2_reference,
     build,
     condensed_pointwise_reference,
+    dense_block_reference,
     grouped_conv3x3_reference,
     load_native,
 )
@@ -31,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 op = torch.ops.lgconv.condensed_pointwise
 conv3x3 = torch.ops.lgconv.grouped_conv3x3
 avg_pool = torch.ops.lgconv.avg_pool2x2
+dense_block = torch.ops.lgconv.dense_block
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +214,70 @@ def test_native_avg_pool_equals_reference(native, shape, extra, channels_last, d
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
 
 
+@st.composite
+def dense_block_arguments(draw) -> tuple:
+    """A random block of 1 to 3 layers: channel slices, both memory formats, 1x1 convs with an index
+    (groups, kept inputs, bounds, order) or over every input, 3x3 convs of any groups, either kernel."""
+    layers = draw(st.integers(1, 3))
+    batch, height, width = draw(st.integers(1, 2)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    channels, extra = draw(st.integers(1, 10)), draw(st.integers(0, 3))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    wide = torch.randn(batch, channels + extra, height, width, generator=generator)
+    if draw(st.booleans()):
+        wide = wide.contiguous(memory_format=torch.channels_last)
+    columns: list[list] = [[] for _ in range(11)]
+    filled = channels
+    for _ in range(layers):
+        every_input = draw(st.booleans())
+        groups1 = 1 if every_input else draw(st.integers(1, 3))
+        kept = filled if every_input else draw(st.integers(1, min(filled, 6)))
+        groups2 = draw(st.sampled_from([1, 2, 4]))
+        outputs1 = groups2 * draw(st.integers(1, 3)) * groups1  # the 3x3's groups divide its inputs
+        growth = groups2 * draw(st.integers(1, 3))
+        index = None
+        if not every_input:
+            index = torch.cat([torch.randperm(filled, generator=generator)[:kept] for _ in range(groups1)])
+        sides = draw(st.sampled_from([None, "low", "both"]))
+        low = torch.randn(groups1 * kept, generator=generator) if sides else None
+        high = low + torch.rand(groups1 * kept, generator=generator) + 0.5 if sides == "both" else None
+        values = [
+            index,
+            torch.randn(outputs1, kept, 1, 1, generator=generator) / kept**0.5,  # values stay near 1
+            torch.randn(outputs1, generator=generator) if draw(st.booleans()) else None,
+            low,
+            high,
+            torch.randperm(outputs1, generator=generator) if draw(st.booleans()) else None,
+            groups1,
+            torch.randn(growth, outputs1 // groups2, 3, 3, generator=generator)
+            / (9 * outputs1 // groups2) ** 0.5,
+            torch.randn(growth, generator=generator) if draw(st.booleans()) else None,
+            groups2,
+            draw(st.booleans()),
+        ]
+        for column, value in zip(columns, values):
+            column.append(value)
+        filled += growth
+    return (wide[:, extra:], *columns)
+
+
+@settings(max_examples=60, deadline=None)
+@given(args=dense_block_arguments())
+def test_native_dense_block_equals_reference(native, args):
+    assert_op_equals_reference(dense_block, dense_block_reference, args)
+
+
+def test_dense_block_fake_gives_the_kernels_shape_and_strides(native):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(1, 6, 4, 5)[:, 1:]
+    weight1, weight2 = torch.randn(4, 5, 1, 1), torch.randn(2, 2, 3, 3)
+    args = (x, [None], [weight1], [None], [None], [None], [None], [1], [weight2], [None], [2], [True])
+    real = dense_block(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = dense_block(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    assert fake.shape == real.shape == (1, 7, 4, 5) and fake.stride() == real.stride()
+
+
 def test_native_grouped_conv_refuses_other_windows():
     with pytest.raises(ValueError, match="3x3 convs with stride 1, padding 1"):
         NativeGroupedConv2d(8, 4, kernel_size=3, stride=2, padding=1, groups=4)
@@ -281,6 +348,77 @@ def test_every_path_runs_the_native_model(native, tmp_path):
     session = onnxruntime.InferenceSession(str(path))
     (onnx_output,) = session.run(None, {"image": x.numpy()})
     torch.testing.assert_close(torch.from_numpy(onnx_output), expected, atol=1e-5, rtol=1e-5)
+
+
+class _OpsRun(TorchDispatchMode):
+    """Records the name of every op that runs under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_native_dense_blocks_run_as_one_op_unless_a_layer_is_hooked(native):
+    masked = _condensenet()
+    fast = _native_model(masked)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        expected = masked(x)
+        with _OpsRun() as run:
+            torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
+        assert run.names.count("lgconv::dense_block") == 2 and "lgconv::grouped_conv3x3" not in run.names
+        seen = []
+        fast.features.denseblock1.denselayer2.register_forward_hook(
+            lambda *args: seen.append(args[2].shape[1])
+        )
+        with _OpsRun() as run:
+            torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
+    assert run.names.count("lgconv::dense_block") == 1 and run.names.count("lgconv::grouped_conv3x3") == 2
+    assert seen == [16]  # the hooked layer ran as a module: its output is its input and new channels
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "grouped"])
+def test_dense_blocks_of_any_1x1_kernel_and_atens_3x3_run_as_one_op(native, kernel):
+    """Layers without a gather or with ATen's 3x3 conv are served by the one op too."""
+    masked = _condensenet()
+    fast = lgconv.optimize_for_inference(lgconv.finalize(copy.deepcopy(masked)), kernel=kernel)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.inference_mode(), _OpsRun() as run:
+        torch.testing.assert_close(fast(x), masked(x), atol=1e-5, rtol=1e-5)
+    assert run.names.count("lgconv::dense_block") == 2
+
+
+_NO_BUILD = """
+import torch, lgconv
+from lgconv.kernels import load_native, native_loaded
+from lgconv.models import CondenseNet
+from lgconv.models.condensenet import condense_network
+model = CondenseNet((2, 2), (4, 8), num_classes=5, groups=2)
+condense_network(model, groups=2, condense_factor=2, classifier_condense_factor=2)
+model = lgconv.finalize(model.eval(), allow_partial=True)
+model = lgconv.optimize_for_inference(model, kernel="matmul")
+with torch.no_grad():
+    model(torch.randn(1, 3, 16, 16))
+print(native_loaded(), load_native.cache_info().currsize)
+"""
+
+
+def test_serving_without_the_native_kernels_never_starts_their_build():
+    """A dense block asks whether the kernels are loaded; a model that does not use them never
+    triggers the minute-long build just by running."""
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_BUILD],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "0"]
 
 
 def test_count_flops_counts_the_kept_connections(native):

@@ -20,7 +20,8 @@ import torch
 
 DISABLE_VARIABLE = "LGCONV_NATIVE"  # set to 0 to keep the native kernels off (the reference runs)
 _SOURCES = tuple(
-    Path(__file__).with_name(f) for f in ("condensed_pointwise.cpp", "grouped_conv3x3.cpp", "avg_pool2x2.cpp")
+    Path(__file__).with_name(f)
+    for f in ("condensed_pointwise.cpp", "grouped_conv3x3.cpp", "avg_pool2x2.cpp", "dense_block.cpp")
 )
 _HEADERS = (Path(__file__).with_name("kernel_common.h"),)  # included by the sources: part of the digest
 
@@ -126,3 +127,9 @@ def load_native() -> bool:
         stacklevel=2,
     )
     return False
+
+
+def native_loaded() -> bool:
+    """Whether ``load_native()`` has loaded the kernels in this process; never builds them (callers
+    that only speed up what already runs natively must not start a minute-long build)."""
+    return load_native.cache_info().currsize > 0 and load_native()

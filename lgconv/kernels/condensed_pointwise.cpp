@@ -267,6 +267,10 @@ at::Tensor reference(const at::Tensor& input, const at::Tensor& index, const at:
   return result;
 }
 
+}  // namespace
+
+namespace lgconv_kernels {
+
 at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& index, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& low,
                                    const std::optional<at::Tensor>& high, const std::optional<at::Tensor>& order,
@@ -443,6 +447,6 @@ at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& in
   return output;
 }
 
-}  // namespace
+}  // namespace lgconv_kernels
 
-TORCH_LIBRARY_IMPL(lgconv, CPU, m) { m.impl("condensed_pointwise", &condensed_pointwise_cpu); }
+TORCH_LIBRARY_IMPL(lgconv, CPU, m) { m.impl("condensed_pointwise", &lgconv_kernels::condensed_pointwise_cpu); }

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-from lgconv.kernels.pointwise import empty_output, output_format
+from lgconv.kernels.pointwise import empty_output
 
 GROUPED_CONV_OP = "lgconv::grouped_conv3x3"
 _SCHEMA = "(Tensor input, Tensor weight, Tensor? bias, int groups) -> Tensor"
@@ -27,7 +27,7 @@ def grouped_conv3x3_reference(
 ) -> Tensor:
     """What the op computes: ``conv2d(input, weight, bias, padding=1, groups=groups)``."""
     output = functional.conv2d(input, weight, bias, padding=1, groups=groups)
-    return output.contiguous(memory_format=output_format(input))
+    return empty_output(input, tuple(output.shape)).copy_(output)
 
 
 def _fake(input: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:  # noqa: UP045

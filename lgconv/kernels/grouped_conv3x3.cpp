@@ -2,7 +2,8 @@
 //
 // oneDNN's grouped convs are slow on planes (NCHW) with few channels per group, as in CondenseNet's
 // dense layers (8 to 32 inputs and 2 to 8 outputs per group). Here each (image, group) copies its
-// input planes once into a zero-bordered buffer; outputs are then computed over the flattened
+// input planes once into a zero-bordered buffer (through a ReLU, where lgconv::dense_block asks for
+// one); outputs are then computed over the flattened
 // buffer, PV vectors of W positions at a time for OB outputs, each of the 9 taps a shifted
 // unaligned load, so the inner loop has no border tests. Positions that fall on the border columns
 // are computed and dropped. Only float32 on planes runs here; anything else takes at::conv2d.
@@ -75,15 +76,12 @@ Shape shape_for(int64_t group_outputs) {
   return {1, vectors_for<1>(), tile<1, vectors_for<1>()>};
 }
 
-at::Tensor reference(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                     int64_t groups) {
-  at::Tensor out = at::conv2d(input, weight, bias, at::IntArrayRef{1, 1}, at::IntArrayRef{1, 1},
-                              at::IntArrayRef{1, 1}, groups);
-  return out.contiguous(channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-}
+}  // namespace
 
-at::Tensor grouped_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& bias, int64_t groups) {
+namespace lgconv_kernels {
+
+void grouped_conv3x3_into(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          int64_t groups, bool relu_input, at::Tensor& output) {
   TORCH_CHECK(input.dim() == 4 && weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "grouped_conv3x3: input must be (N, C, H, W) and weight (outputs, inputs / groups, 3, 3)");
   TORCH_CHECK(groups > 0 && input.size(1) == weight.size(1) * groups && weight.size(0) % groups == 0,
@@ -92,8 +90,12 @@ at::Tensor grouped_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weight
               "grouped_conv3x3: bias must have one value per output");
   const bool native = input.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
                       (!bias.has_value() || bias->scalar_type() == at::kFloat) && !channels_last(input) &&
-                      input.stride(3) == 1;
-  if (!native) return reference(input, weight, bias, groups);
+                      input.stride(3) == 1 && output.scalar_type() == at::kFloat && output.stride(3) == 1;
+  if (!native) {
+    output.copy_(at::conv2d(relu_input ? at::relu(input) : input, weight, bias, at::IntArrayRef{1, 1},
+                            at::IntArrayRef{1, 1}, at::IntArrayRef{1, 1}, groups));
+    return;
+  }
 
   const int64_t N = input.size(0), H = input.size(2), Wd = input.size(3);
   const int64_t outputs = weight.size(0), inputs = weight.size(1);
@@ -109,12 +111,12 @@ at::Tensor grouped_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weight
 
   at::Tensor wc = weight.contiguous();
   at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor output = at::empty({N, outputs, H, Wd}, input.options());
   const float* x = input.data_ptr<float>();
   const float* pw = wc.data_ptr<float>();
   const float* pb = bc.defined() ? bc.data_ptr<float>() : nullptr;
   float* y = output.data_ptr<float>();
   const int64_t s0 = input.stride(0), s1 = input.stride(1), s2 = input.stride(2);
+  const int64_t d0 = output.stride(0), d1 = output.stride(1), d2 = output.stride(2);
   const std::vector<float> zeros(inputs * 9, 0.0f);
 
   at::parallel_for(0, N * groups, 1, [&](int64_t first, int64_t last) {
@@ -125,7 +127,11 @@ at::Tensor grouped_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weight
       for (int64_t c = 0; c < inputs; ++c)
         for (int64_t r = 0; r < H; ++r) {
           const float* src = x + n * s0 + (g * inputs + c) * s1 + r * s2;
-          std::copy(src, src + Wd, pad.data() + c * plane + (r + 1) * row + 1);
+          float* dst = pad.data() + c * plane + (r + 1) * row + 1;
+          if (relu_input)
+            for (int64_t i = 0; i < Wd; ++i) dst[i] = src[i] > 0.0f ? src[i] : 0.0f;
+          else
+            std::copy(src, src + Wd, dst);
         }
       for (int64_t b = 0; b < blocks; ++b) {
         const float* w[8];
@@ -149,13 +155,27 @@ at::Tensor grouped_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weight
             const int64_t run = std::min({Wd - col, q0 + span - q, valid - q});
             for (int64_t o = 0; o < rows; ++o)
               std::copy(acc.data() + o * span + (q - q0), acc.data() + o * span + (q - q0) + run,
-                        y + ((n * outputs + o0 + o) * H + r) * Wd + col);
+                        y + n * d0 + (o0 + o) * d1 + r * d2 + col);
             q += run;
           }
         }
       }
     }
   });
+}
+
+}  // namespace lgconv_kernels
+
+namespace {
+
+at::Tensor grouped_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, int64_t groups) {
+  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, "grouped_conv3x3: input must be (N, C, H, W) and weight ",
+              "(outputs, inputs / groups, 3, 3)");
+  at::Tensor output = at::empty({input.size(0), weight.size(0), input.size(2), input.size(3)},
+                                input.options().memory_format(channels_last(input) ? at::MemoryFormat::ChannelsLast
+                                                                                   : at::MemoryFormat::Contiguous));
+  lgconv_kernels::grouped_conv3x3_into(input, weight, bias, groups, /*relu_input=*/false, output);
   return output;
 }
 

@@ -19,7 +19,9 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 import lgconv
-from lgconv.layers.fused_condensed_conv import Folded
+from lgconv import kernels
+from lgconv.layers.fused_condensed_conv import DenseGroupedConv2d, Folded, FusedCondensedConv2d, is_pointwise
+from lgconv.layers.native_grouped_conv import NativeGroupedConv2d, computes_grouped_conv3x3
 from lgconv.layers.onnx_export import exporting_onnx
 from lgconv.models.registry import register_model
 
@@ -27,6 +29,7 @@ CIFAR_GROWTH = (8, 16, 32)
 IMAGENET_STAGES = (4, 6, 8, 10, 8)
 IMAGENET_GROWTH = (8, 16, 32, 64, 128)
 _BOTTLENECKS = "features.*.conv1"  # the 1x1 convolution of every dense layer
+_SERVED_3X3 = (nn.Conv2d, NativeGroupedConv2d, DenseGroupedConv2d)  # convs whose forward is the plain conv
 
 
 def _passes_input_on(module: nn.Module) -> bool:
@@ -63,11 +66,80 @@ class DenseLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x, self.new_features(x)], 1)
 
-    __jit_ignored_attributes__ = ["_steps"]  # eager-only cache, not part of a scripted module
+    __jit_ignored_attributes__ = ["_steps", "_served"]  # eager-only caches, not part of a scripted module
 
     def __setattr__(self, name: str, value: Any) -> None:
         self.__dict__.pop("_steps", None)  # a module was replaced (optimize_for_inference): list again
+        self.__dict__.pop("_served", None)
         super().__setattr__(name, value)
+
+    def _modules_in_order(self) -> tuple[nn.Module, ...]:
+        return (self.norm1, self.relu1, self.drop, self.conv1, self.norm2, self.relu2, self.conv2)
+
+    @torch.jit.unused
+    def _served_plan(self) -> tuple[Any, ...]:
+        """What ``native_operands`` reads, if (left out what passes its input on) this layer is a 1x1
+        ``FusedCondensedConv2d``, one ReLU and a plain 3x3 conv (stride 1, padding 1); else ``()``:
+        the modules whose hooks it checks, the dicts that hold the tensors (read fresh every call),
+        the two convs' groups and whether the 3x3 conv is the native one."""
+        modules = self._modules_in_order()
+        steps = [m for m in modules if not _passes_input_on(m)]
+        if self.training or len(steps) != 3:
+            return ()
+        conv1, relu, conv2 = steps
+        relu_only = type(relu) is nn.ReLU or (type(relu) is Folded and relu.relu)
+        pointwise = type(conv1) is FusedCondensedConv2d and is_pointwise(
+            conv1.conv.kernel_size, conv1.conv.stride, conv1.conv.padding
+        )
+        window = type(conv2) in _SERVED_3X3 and computes_grouped_conv3x3(conv2)
+        if not (relu_only and pointwise and window):
+            return ()
+        inner = conv1.conv
+        watched = (self, *modules, inner)
+        return (
+            watched,
+            conv1._modules,
+            inner,
+            conv1._buffers,
+            inner._parameters,
+            conv2._parameters,
+            inner.groups,
+            conv2.groups,
+            type(conv2) is NativeGroupedConv2d,
+        )
+
+    @torch.jit.unused
+    def native_operands(self) -> tuple[Any, ...] | None:
+        """This layer's operands of ``lgconv::dense_block`` (``DenseBlock`` stacks them), or None
+        where the op cannot serve it: in training, with other steps than a folded 1x1 conv, a ReLU
+        and a 3x3 conv (``optimize_for_inference`` makes them), or while a hook watches a module."""
+        served = self.__dict__.get("_served")
+        if served is None or served[0] != self.training:
+            served = (self.training, self._served_plan())
+            self.__dict__["_served"] = served
+        plan = served[1]
+        if not plan or _global_forward_hooks or _global_forward_pre_hooks:
+            return None
+        watched, holder, inner, buffers, parameters, window, groups1, groups2, native2 = plan
+        if holder.get("conv") is not inner:  # the 1x1's conv was replaced: plan again
+            self.__dict__.pop("_served")
+            return self.native_operands()
+        for module in watched:
+            if module._forward_hooks or module._forward_pre_hooks:
+                return None
+        return (
+            buffers["index"],
+            parameters["weight"],
+            parameters.get("bias"),
+            buffers["low"],
+            buffers["high"],
+            buffers["order"],
+            groups1,
+            window["weight"],
+            window.get("bias"),
+            groups2,
+            native2,
+        )
 
     @torch.jit.unused
     def served_features(self, x: Tensor) -> Tensor:
@@ -77,8 +149,7 @@ class DenseLayer(nn.Module):
         Python less per layer. The preallocated path uses it."""
         listed = self.__dict__.get("_steps")
         if listed is None or listed[0] != self.training:
-            modules = (self.norm1, self.relu1, self.drop, self.conv1, self.norm2, self.relu2, self.conv2)
-            listed = (self.training, tuple((m, _passes_input_on(m)) for m in modules))
+            listed = (self.training, tuple((m, _passes_input_on(m)) for m in self._modules_in_order()))
             self.__dict__["_steps"] = listed
         hooked = bool(_global_forward_hooks or _global_forward_pre_hooks)
         for module, passes_on in listed[1]:
@@ -98,9 +169,11 @@ class DenseBlock(nn.Sequential):
     Concatenating after every layer copies all earlier features again, quadratic in depth. Without
     autograd (``torch.no_grad`` / ``torch.inference_mode``) and with ``preallocate`` on, the block
     instead allocates its output once and each layer writes only its new channels into it, reading
-    its input as a channel slice (same values, linear copying). Autograd keeps the concatenation,
-    whose inputs stay untouched for the backward pass, and so does ONNX export: slice writes become
-    ``ScatterND`` nodes, which ONNX Runtime runs far slower than ``Concat``.
+    its input as a channel slice (same values, linear copying). Where every layer is served by the
+    native kernels (``DenseLayer.native_operands``), on CPU and in eager mode, the whole block is one
+    ``lgconv::dense_block`` call; compilers, tracers and hooks see the layers. Autograd keeps the
+    concatenation, whose inputs stay untouched for the backward pass, and so does ONNX export:
+    slice writes become ``ScatterND`` nodes, which ONNX Runtime runs far slower than ``Concat``.
     """
 
     def __init__(
@@ -135,6 +208,9 @@ class DenseBlock(nn.Sequential):
     def _forward_preallocated(self, x: Tensor) -> Tensor:
         """The block's output allocated once; every layer reads a channel slice and fills the next one."""
         layers = list(self.children())
+        operands = self._native_operands(x, layers)
+        if operands is not None:
+            return torch.ops.lgconv.dense_block(x, *operands)
         width = x.shape[1] + sum(layer.conv2.out_channels for layer in layers)
         channels_last = x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1
         out = torch.empty(
@@ -146,10 +222,30 @@ class DenseBlock(nn.Sequential):
         filled = x.shape[1]
         out[:, :filled].copy_(x)
         for layer in layers:
-            new = layer.served_features(out[:, :filled])
+            if layer._forward_hooks or layer._forward_pre_hooks:  # hooks see the layer's own output
+                new = layer(out[:, :filled])[:, filled:]
+            else:
+                new = layer.served_features(out[:, :filled])
             out[:, filled : filled + new.shape[1]].copy_(new)
             filled += new.shape[1]
         return out
+
+    @torch.jit.unused
+    def _native_operands(self, x: Tensor, layers: list[nn.Module]) -> list[list[Any]] | None:
+        """``lgconv::dense_block``'s operand lists for ``x``, or None where the block is not served
+        by it: off CPU, with the native kernels not loaded (this never builds them), under a compiler
+        or tracer, or with a layer that is not served."""
+        if x.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        if not kernels.native_loaded():
+            return None
+        per_layer = []
+        for layer in layers:
+            operands = layer.native_operands()
+            if operands is None:
+                return None
+            per_layer.append(operands)
+        return [list(column) for column in zip(*per_layer)]
 
 
 class CondenseNet(nn.Module):

@@ -371,6 +371,8 @@ def test_native_dense_blocks_run_as_one_op_unless_a_layer_is_hooked(native):
         with _OpsRun() as run:
             torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
         assert run.names.count("lgconv::dense_block") == 2 and "lgconv::grouped_conv3x3" not in run.names
+        assert "served by lgconv::dense_block" in repr(fast.features.denseblock1)
+        assert "served by" not in repr(masked)
         seen = []
         fast.features.denseblock1.denselayer2.register_forward_hook(
             lambda *args: seen.append(args[2].shape[1])

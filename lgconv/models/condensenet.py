@@ -230,6 +230,12 @@ class DenseBlock(nn.Sequential):
             filled += new.shape[1]
         return out
 
+    def extra_repr(self) -> str:
+        """Says when eager CPU inference runs the block as one ``lgconv::dense_block`` call."""
+        served = not torch.jit.is_scripting() and kernels.native_loaded()
+        served = served and all(layer.native_operands() is not None for layer in self.children())
+        return "served by lgconv::dense_block" if served else ""
+
     @torch.jit.unused
     def _native_operands(self, x: Tensor, layers: list[nn.Module]) -> list[list[Any]] | None:
         """``lgconv::dense_block``'s operand lists for ``x``, or None where the block is not served

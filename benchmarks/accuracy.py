@@ -317,6 +317,7 @@ def train(
     epochs: int,
     lr: float,
     condense_end: float | None = None,
+    condense_start: float = 0.0,
     recalibrate: bool = False,
     lasso: float = 0.0,
     importance: str = "weight",
@@ -350,6 +351,7 @@ def train(
             total,
             lasso=lasso,
             condense_end=condense_end or recipe.condense_end,
+            condense_start=condense_start,
             importance=importance,
             schedule=schedule,
         )
@@ -769,6 +771,31 @@ def run_lgc_finetune_gradual_lr01_end0125(context: Context, seed: int) -> ArmRes
 def run_lgc_finetune_gradual_lr01_end05(context: Context, seed: int) -> ArmResult:
     name = "lgc_finetune_gradual_lr01_end05"
     return _finetune(context, seed, context.recipe.lr, 0.5, name, schedule="gradual")
+
+
+@arm(
+    "lgc_gradual_warmup",
+    "lgc_gradual with half an epoch of dense training first: drops over 6.25%-25% of training, not 0-25%",
+)
+def run_lgc_gradual_warmup(context: Context, seed: int) -> ArmResult:
+    return _learned(
+        context,
+        seed,
+        recalibrate=False,
+        desc=f"lgc_gradual_warmup seed {seed}",
+        schedule="gradual",
+        condense_start=0.0625,
+        condense_end=0.25,
+    )
+
+
+@arm(
+    "lgc_finetune_gradual_lr02",
+    "lgc_finetune_gradual_lr01 at twice its learning rate: 0.2 (gradual drops over the first 25%)",
+    needs=("dense",),
+)
+def run_lgc_finetune_gradual_lr02(context: Context, seed: int) -> ArmResult:
+    return _finetune(context, seed, 0.2, 0.25, "lgc_finetune_gradual_lr02", schedule="gradual")
 
 
 # --- the suite ----------------------------------------------------------------------------------

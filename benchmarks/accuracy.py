@@ -798,6 +798,39 @@ def run_lgc_finetune_gradual_lr02(context: Context, seed: int) -> ArmResult:
     return _finetune(context, seed, 0.2, 0.25, "lgc_finetune_gradual_lr02", schedule="gradual")
 
 
+@arm(
+    "lgc_finetune_budget",
+    "lgc_finetune_gradual_lr01 with each conv's G = C chosen by condensify(target_flops=lgc's) "
+    "on the trained weights",
+    needs=("dense",),
+)
+def run_lgc_finetune_budget(context: Context, seed: int) -> ArmResult:
+    """The trained dense network condensified by lgconv's FLOP budget (1x1 and 3x3 convs, factors
+    1-8 per layer from the trained weights' importance), then the gradual lr 0.1 fine-tune."""
+    recipe = context.recipe
+    model = lgconv.condensify(
+        context.trained_dense(seed), target_flops=context.lgc_flops, input_size=IMAGE_SIZE, kxk=True
+    )
+    factors = {
+        name: [layer.learned_groups, layer.condense_factor]
+        for name, layer in lgconv.scheduler.learned_group_layers(model)
+    }
+    torch.manual_seed(seed)
+    name = "lgc_finetune_budget"
+    training = train(
+        model,
+        context,
+        seed,
+        epochs=recipe.finetune_epochs,
+        lr=recipe.lr,
+        condense_end=0.25,
+        schedule="gradual",
+        desc=f"{name} {seed}",
+    )
+    extra = {"lr": recipe.lr, "condense_end": 0.25, "schedule": "gradual", "groups_and_factors": factors}
+    return ArmResult(lgconv.finalize(model), recipe.finetune_epochs, training, extra)
+
+
 # --- the suite ----------------------------------------------------------------------------------
 def run_one(context: Context, name: str, seed: int) -> dict[str, Any]:
     """Train and evaluate one arm for one seed; the JSON row."""

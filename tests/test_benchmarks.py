@@ -195,7 +195,8 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
     )
     assert "vs `lgc_finetune`" in combined and "≥ `channel_pruning`: " in combined
     best = next(line for line in text.splitlines() if line.startswith("| learned groups ≥ `fixed_groups` |"))
-    assert "`lgc` " in best and "(n = 2)" in best and " of 2 seeds" in best
+    assert "`lgc` " in best and "(n = 2)" in best and " of 1 seeds" in best  # paired: seed 0 only
+    assert "no arm of this kind on 3 seeds or more" in best
     assert (
         "- `lgc` within 1.0 point of `dense`:" in text and "![accuracy against FLOPs](img/plot.png)" in text
     )

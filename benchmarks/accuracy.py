@@ -467,14 +467,24 @@ class Context:
 
 
 def _learned(
-    context: Context, seed: int, recalibrate: bool, desc: str, budget: bool = False, **schedule: Any
+    context: Context,
+    seed: int,
+    recalibrate: bool,
+    desc: str,
+    budget: bool = False,
+    full_classifier: bool = False,
+    **schedule: Any,
 ) -> ArmResult:
     """The lgc network trained from scratch; ``schedule``: scheduler options changed from the paper's.
 
     ``budget``: its 1x1 layers' (G, C) re-chosen per layer by ``lgconv.condensify(target_flops=...)``
-    at the uniform network's finalized FLOPs (3x3 convs and classifier as in ``lgc``)."""
+    at the uniform network's finalized FLOPs (3x3 convs and classifier as in ``lgc``).
+    ``full_classifier``: the classifier is left dense, as in the fixed-group arms."""
     torch.manual_seed(seed)
-    model = learned_group_network(context.recipe)
+    recipe = context.recipe
+    if full_classifier:
+        recipe = dataclasses.replace(recipe, classifier_condense_factor=1)
+    model = learned_group_network(recipe)
     factors: dict[str, list[int]] = {}
     if budget:
         model = lgconv.condensify(model, target_flops=context.lgc_flops, input_size=IMAGE_SIZE, kxk=False)
@@ -494,6 +504,8 @@ def _learned(
     )
     lgconv.finalize(model)
     extra: dict[str, Any] = dict(schedule)
+    if full_classifier:
+        extra["classifier_condense_factor"] = 1
     if factors:
         extra["groups_and_factors"] = factors
     if recalibrate:  # the finalized network's statistics, re-estimated once more
@@ -829,6 +841,22 @@ def run_lgc_finetune_budget(context: Context, seed: int) -> ArmResult:
     )
     extra = {"lr": recipe.lr, "condense_end": 0.25, "schedule": "gradual", "groups_and_factors": factors}
     return ArmResult(lgconv.finalize(model), recipe.finetune_epochs, training, extra)
+
+
+@arm(
+    "lgc_gradual_full_classifier",
+    "lgc_gradual with the classifier left dense (as in fixed_groups) instead of condensed to half",
+)
+def run_lgc_gradual_full_classifier(context: Context, seed: int) -> ArmResult:
+    return _learned(
+        context,
+        seed,
+        recalibrate=False,
+        desc=f"lgc_gradual_full_classifier seed {seed}",
+        full_classifier=True,
+        schedule="gradual",
+        condense_end=0.25,
+    )
 
 
 # --- the suite ----------------------------------------------------------------------------------

@@ -154,9 +154,11 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
         "lgc_gradual_warmup",
         "lgc_finetune_gradual_lr02",
         "lgc_finetune_budget",
+        "lgc_gradual_full_classifier",
     ):
         assert abs(runs[name]["flops"] / target - 1) <= 0.05, name
     assert runs["lgc_gradual_warmup"]["condense_start"] == 0.0625
+    assert runs["lgc_gradual_full_classifier"]["params"] > runs["lgc_gradual"]["params"]
     chosen = runs["lgc_finetune_budget"]["groups_and_factors"]  # per layer, 3x3 convs included
     assert len({tuple(f) for f in chosen.values()}) > 1 and any(n.endswith("conv2") for n in chosen)
     assert runs["lgc_activation"]["importance"] == "activation" and "drops" in runs["lgc_activation"]

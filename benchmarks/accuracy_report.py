@@ -244,7 +244,8 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Non
     if len(names) <= 12:  # beyond that the legend hides the points; the right panel names every arm
         left.legend(fontsize=8, loc="lower right")
     right.set_yticks(
-        range(len(names)), [f"{n} ({groups[n][0]['flops'] / 1e6:.1f}M)" for n in reversed(names)]
+        range(len(names)),
+        [f"{n} ({groups[n][0]['flops'] / 1e6:.1f}M, n = {len(groups[n])})" for n in reversed(names)],
     )
     right.set_xlabel("test accuracy % (mean ± std; dots: runs)")
     right.grid(alpha=0.3, axis="x")

@@ -317,6 +317,7 @@ def train(
     epochs: int,
     lr: float,
     condense_end: float | None = None,
+    condense_start: float = 0.0,
     recalibrate: bool = False,
     lasso: float = 0.0,
     importance: str = "weight",
@@ -350,6 +351,7 @@ def train(
             total,
             lasso=lasso,
             condense_end=condense_end or recipe.condense_end,
+            condense_start=condense_start,
             importance=importance,
             schedule=schedule,
         )
@@ -465,14 +467,24 @@ class Context:
 
 
 def _learned(
-    context: Context, seed: int, recalibrate: bool, desc: str, budget: bool = False, **schedule: Any
+    context: Context,
+    seed: int,
+    recalibrate: bool,
+    desc: str,
+    budget: bool = False,
+    full_classifier: bool = False,
+    **schedule: Any,
 ) -> ArmResult:
     """The lgc network trained from scratch; ``schedule``: scheduler options changed from the paper's.
 
     ``budget``: its 1x1 layers' (G, C) re-chosen per layer by ``lgconv.condensify(target_flops=...)``
-    at the uniform network's finalized FLOPs (3x3 convs and classifier as in ``lgc``)."""
+    at the uniform network's finalized FLOPs (3x3 convs and classifier as in ``lgc``).
+    ``full_classifier``: the classifier is left dense, as in the fixed-group arms."""
     torch.manual_seed(seed)
-    model = learned_group_network(context.recipe)
+    recipe = context.recipe
+    if full_classifier:
+        recipe = dataclasses.replace(recipe, classifier_condense_factor=1)
+    model = learned_group_network(recipe)
     factors: dict[str, list[int]] = {}
     if budget:
         model = lgconv.condensify(model, target_flops=context.lgc_flops, input_size=IMAGE_SIZE, kxk=False)
@@ -492,6 +504,8 @@ def _learned(
     )
     lgconv.finalize(model)
     extra: dict[str, Any] = dict(schedule)
+    if full_classifier:
+        extra["classifier_condense_factor"] = 1
     if factors:
         extra["groups_and_factors"] = factors
     if recalibrate:  # the finalized network's statistics, re-estimated once more
@@ -769,6 +783,80 @@ def run_lgc_finetune_gradual_lr01_end0125(context: Context, seed: int) -> ArmRes
 def run_lgc_finetune_gradual_lr01_end05(context: Context, seed: int) -> ArmResult:
     name = "lgc_finetune_gradual_lr01_end05"
     return _finetune(context, seed, context.recipe.lr, 0.5, name, schedule="gradual")
+
+
+@arm(
+    "lgc_gradual_warmup",
+    "lgc_gradual with half an epoch of dense training first: drops over 6.25%-25% of training, not 0-25%",
+)
+def run_lgc_gradual_warmup(context: Context, seed: int) -> ArmResult:
+    return _learned(
+        context,
+        seed,
+        recalibrate=False,
+        desc=f"lgc_gradual_warmup seed {seed}",
+        schedule="gradual",
+        condense_start=0.0625,
+        condense_end=0.25,
+    )
+
+
+@arm(
+    "lgc_finetune_gradual_lr02",
+    "lgc_finetune_gradual_lr01 at twice its learning rate: 0.2 (gradual drops over the first 25%)",
+    needs=("dense",),
+)
+def run_lgc_finetune_gradual_lr02(context: Context, seed: int) -> ArmResult:
+    return _finetune(context, seed, 0.2, 0.25, "lgc_finetune_gradual_lr02", schedule="gradual")
+
+
+@arm(
+    "lgc_finetune_budget",
+    "lgc_finetune_gradual_lr01 with each conv's G = C chosen by condensify(target_flops=lgc's) "
+    "on the trained weights",
+    needs=("dense",),
+)
+def run_lgc_finetune_budget(context: Context, seed: int) -> ArmResult:
+    """The trained dense network condensified by lgconv's FLOP budget (1x1 and 3x3 convs, factors
+    1-8 per layer from the trained weights' importance), then the gradual lr 0.1 fine-tune."""
+    recipe = context.recipe
+    model = lgconv.condensify(
+        context.trained_dense(seed), target_flops=context.lgc_flops, input_size=IMAGE_SIZE, kxk=True
+    )
+    factors = {
+        name: [layer.learned_groups, layer.condense_factor]
+        for name, layer in lgconv.scheduler.learned_group_layers(model)
+    }
+    torch.manual_seed(seed)
+    name = "lgc_finetune_budget"
+    training = train(
+        model,
+        context,
+        seed,
+        epochs=recipe.finetune_epochs,
+        lr=recipe.lr,
+        condense_end=0.25,
+        schedule="gradual",
+        desc=f"{name} {seed}",
+    )
+    extra = {"lr": recipe.lr, "condense_end": 0.25, "schedule": "gradual", "groups_and_factors": factors}
+    return ArmResult(lgconv.finalize(model), recipe.finetune_epochs, training, extra)
+
+
+@arm(
+    "lgc_gradual_full_classifier",
+    "lgc_gradual with the classifier left dense (as in fixed_groups) instead of condensed to half",
+)
+def run_lgc_gradual_full_classifier(context: Context, seed: int) -> ArmResult:
+    return _learned(
+        context,
+        seed,
+        recalibrate=False,
+        desc=f"lgc_gradual_full_classifier seed {seed}",
+        full_classifier=True,
+        schedule="gradual",
+        condense_end=0.25,
+    )
 
 
 # --- the suite ----------------------------------------------------------------------------------

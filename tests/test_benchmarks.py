@@ -151,8 +151,16 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
         "lgc_finetune_gradual",
         "lgc_finetune_combined",
         "lgc_finetune_combined_gradual",
+        "lgc_gradual_warmup",
+        "lgc_finetune_gradual_lr02",
+        "lgc_finetune_budget",
+        "lgc_gradual_full_classifier",
     ):
         assert abs(runs[name]["flops"] / target - 1) <= 0.05, name
+    assert runs["lgc_gradual_warmup"]["condense_start"] == 0.0625
+    assert runs["lgc_gradual_full_classifier"]["params"] > runs["lgc_gradual"]["params"]
+    chosen = runs["lgc_finetune_budget"]["groups_and_factors"]  # per layer, 3x3 convs included
+    assert len({tuple(f) for f in chosen.values()}) > 1 and any(n.endswith("conv2") for n in chosen)
     assert runs["lgc_activation"]["importance"] == "activation" and "drops" in runs["lgc_activation"]
     assert runs["lgc_gradual"]["schedule"] == "gradual" and "drops" not in runs["lgc_gradual"]
     assert runs["lgc_finetune_combined"]["lr"] == result["recipe"]["lr"]
@@ -188,6 +196,9 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
         line for line in text.splitlines() if line.startswith("- variant `lgc_finetune_combined`")
     )
     assert "vs `lgc_finetune`" in combined and "≥ `channel_pruning`: " in combined
+    best = next(line for line in text.splitlines() if line.startswith("| learned groups ≥ `fixed_groups` |"))
+    assert "`lgc` " in best and "(n = 2)" in best and " of 1 seeds" in best  # paired: seed 0 only
+    assert "no arm of this kind on 3 seeds or more" in best
     assert (
         "- `lgc` within 1.0 point of `dense`:" in text and "![accuracy against FLOPs](img/plot.png)" in text
     )

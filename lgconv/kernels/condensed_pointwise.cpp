@@ -22,6 +22,7 @@
 namespace {
 
 using lgconv_kernels::channels_last;
+using lgconv_kernels::output_like;
 using lgconv_kernels::kAccumulators;
 using lgconv_kernels::kWide;
 using lgconv_kernels::Vec;
@@ -239,12 +240,6 @@ void plane_pointwise(const float* x, int64_t N, int64_t HW, int64_t s0, const in
       }
     }
   });
-}
-
-at::Tensor output_like(const at::Tensor& input, int64_t out_channels) {
-  return at::empty({input.size(0), out_channels, input.size(2), input.size(3)},
-                   input.options().memory_format(channels_last(input) ? at::MemoryFormat::ChannelsLast
-                                                               : at::MemoryFormat::Contiguous));
 }
 
 // The same function with ATen ops (any dtype): gather, clamp, grouped 1x1 conv, reorder.

@@ -18,8 +18,6 @@
 
 namespace {
 
-using lgconv_kernels::channels_last;
-
 at::Tensor dense_block_cpu(const at::Tensor& input, const c10::List<std::optional<at::Tensor>>& index,
                            at::TensorList weight1,
                            const c10::List<std::optional<at::Tensor>>& bias1,
@@ -36,16 +34,15 @@ at::Tensor dense_block_cpu(const at::Tensor& input, const c10::List<std::optiona
               "dense_block: every operand list must have one entry per layer");
   int64_t width = input.size(1);
   for (const at::Tensor& w : weight2) width += w.size(0);
-  at::Tensor output = at::empty({input.size(0), width, input.size(2), input.size(3)},
-                                input.options().memory_format(channels_last(input) ? at::MemoryFormat::ChannelsLast
-                                                                                   : at::MemoryFormat::Contiguous));
+  at::Tensor output = lgconv_kernels::output_like(input, width);
   int64_t filled = input.size(1);
   output.narrow(1, 0, filled).copy_(input);
   for (size_t i = 0; i < layers; ++i) {
     const at::Tensor so_far = output.narrow(1, 0, filled);
-    const std::optional<at::Tensor> kept = index.get(i);  // none: every input, in order
+    const std::optional<at::Tensor> listed = index.get(i);  // none: every input, in order
+    const at::Tensor kept = listed.has_value() ? *listed : at::arange(filled, input.options().dtype(at::kLong));
     const at::Tensor bottleneck = lgconv_kernels::condensed_pointwise_cpu(
-        so_far, kept.has_value() ? *kept : at::arange(filled, input.options().dtype(at::kLong)), weight1[i], bias1.get(i), low.get(i), high.get(i), order.get(i), groups1[i]);
+        so_far, kept, weight1[i], bias1.get(i), low.get(i), high.get(i), order.get(i), groups1[i]);
     const int64_t growth = weight2[i].size(0);
     at::Tensor features = output.narrow(1, filled, growth);
     if (native2.get(i)) {

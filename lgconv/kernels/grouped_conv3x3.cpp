@@ -172,9 +172,7 @@ at::Tensor grouped_conv3x3_cpu(const at::Tensor& input, const at::Tensor& weight
                                const std::optional<at::Tensor>& bias, int64_t groups) {
   TORCH_CHECK(input.dim() == 4 && weight.dim() == 4, "grouped_conv3x3: input must be (N, C, H, W) and weight ",
               "(outputs, inputs / groups, 3, 3)");
-  at::Tensor output = at::empty({input.size(0), weight.size(0), input.size(2), input.size(3)},
-                                input.options().memory_format(channels_last(input) ? at::MemoryFormat::ChannelsLast
-                                                                                   : at::MemoryFormat::Contiguous));
+  at::Tensor output = lgconv_kernels::output_like(input, weight.size(0));
   lgconv_kernels::grouped_conv3x3_into(input, weight, bias, groups, /*relu_input=*/false, output);
   return output;
 }

@@ -26,6 +26,13 @@ struct Vec {
 // Channels are the innermost dimension: the output is channels-last too.
 inline bool channels_last(const at::Tensor& input) { return input.size(1) > 1 && input.stride(1) == 1; }
 
+// An uninitialised (N, channels, H, W) output laid out by that rule (Python: pointwise.empty_output).
+inline at::Tensor output_like(const at::Tensor& input, int64_t channels) {
+  return at::empty({input.size(0), channels, input.size(2), input.size(3)},
+                   input.options().memory_format(channels_last(input) ? at::MemoryFormat::ChannelsLast
+                                                                      : at::MemoryFormat::Contiguous));
+}
+
 // lgconv::condensed_pointwise on CPU (condensed_pointwise.cpp).
 at::Tensor condensed_pointwise_cpu(const at::Tensor& input, const at::Tensor& index, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& low,

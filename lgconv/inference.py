@@ -477,7 +477,7 @@ def _narrow_window(module: nn.Module) -> bool:
         type(module) is nn.Conv2d
         and module.groups == 1
         and module.in_channels <= 32
-        and (computes_grouped_conv3x3(module))
+        and computes_grouped_conv3x3(module)
     )
 
 

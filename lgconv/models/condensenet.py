@@ -66,27 +66,36 @@ class DenseLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x, self.new_features(x)], 1)
 
-    __jit_ignored_attributes__ = ["_steps", "_served"]  # eager-only caches, not part of a scripted module
+    __jit_ignored_attributes__ = ["_listed"]  # eager-only cache, not part of a scripted module
 
     def __setattr__(self, name: str, value: Any) -> None:
-        self.__dict__.pop("_steps", None)  # a module was replaced (optimize_for_inference): list again
-        self.__dict__.pop("_served", None)
+        self.__dict__.pop("_listed", None)  # a module was replaced (optimize_for_inference): list again
         super().__setattr__(name, value)
 
     def _modules_in_order(self) -> tuple[nn.Module, ...]:
         return (self.norm1, self.relu1, self.drop, self.conv1, self.norm2, self.relu2, self.conv2)
 
     @torch.jit.unused
-    def _served_plan(self) -> tuple[Any, ...]:
+    def _listing(self) -> tuple[tuple[tuple[nn.Module, bool], ...], tuple[Any, ...]]:
+        """The modules in order, each with whether it passes its input on (``served_features``), and
+        ``native_operands``' plan: listed once per mode, again after a module is replaced."""
+        listed = self.__dict__.get("_listed")
+        if listed is None or listed[0] != self.training:
+            steps = tuple((m, _passes_input_on(m)) for m in self._modules_in_order())
+            listed = (self.training, steps, self._served_plan(steps))
+            self.__dict__["_listed"] = listed
+        return listed[1], listed[2]
+
+    @torch.jit.unused
+    def _served_plan(self, steps: tuple[tuple[nn.Module, bool], ...]) -> tuple[Any, ...]:
         """What ``native_operands`` reads, if (left out what passes its input on) this layer is a 1x1
         ``FusedCondensedConv2d``, one ReLU and a plain 3x3 conv (stride 1, padding 1); else ``()``:
         the modules whose hooks it checks, the dicts that hold the tensors (read fresh every call),
         the two convs' groups and whether the 3x3 conv is the native one."""
-        modules = self._modules_in_order()
-        steps = [m for m in modules if not _passes_input_on(m)]
-        if self.training or len(steps) != 3:
+        computing = [m for m, passes_on in steps if not passes_on]
+        if self.training or len(computing) != 3:
             return ()
-        conv1, relu, conv2 = steps
+        conv1, relu, conv2 = computing
         relu_only = type(relu) is nn.ReLU or (type(relu) is Folded and relu.relu)
         pointwise = type(conv1) is FusedCondensedConv2d and is_pointwise(
             conv1.conv.kernel_size, conv1.conv.stride, conv1.conv.padding
@@ -95,7 +104,7 @@ class DenseLayer(nn.Module):
         if not (relu_only and pointwise and window):
             return ()
         inner = conv1.conv
-        watched = (self, *modules, inner)
+        watched = (self, *(m for m, _ in steps), inner)
         return (
             watched,
             conv1._modules,
@@ -113,16 +122,12 @@ class DenseLayer(nn.Module):
         """This layer's operands of ``lgconv::dense_block`` (``DenseBlock`` stacks them), or None
         where the op cannot serve it: in training, with other steps than a folded 1x1 conv, a ReLU
         and a 3x3 conv (``optimize_for_inference`` makes them), or while a hook watches a module."""
-        served = self.__dict__.get("_served")
-        if served is None or served[0] != self.training:
-            served = (self.training, self._served_plan())
-            self.__dict__["_served"] = served
-        plan = served[1]
+        _, plan = self._listing()
         if not plan or _global_forward_hooks or _global_forward_pre_hooks:
             return None
         watched, holder, inner, buffers, parameters, window, groups1, groups2, native2 = plan
         if holder.get("conv") is not inner:  # the 1x1's conv was replaced: plan again
-            self.__dict__.pop("_served")
+            self.__dict__.pop("_listed")
             return self.native_operands()
         for module in watched:
             if module._forward_hooks or module._forward_pre_hooks:
@@ -147,12 +152,9 @@ class DenseLayer(nn.Module):
         norms folded into a conv, identities, eval dropout) and with plain ReLUs as functions,
         while nothing hooks them: the same values, and for a batch-1 CondenseNet-86 about 25 us of
         Python less per layer. The preallocated path uses it."""
-        listed = self.__dict__.get("_steps")
-        if listed is None or listed[0] != self.training:
-            listed = (self.training, tuple((m, _passes_input_on(m)) for m in self._modules_in_order()))
-            self.__dict__["_steps"] = listed
+        steps, _ = self._listing()
         hooked = bool(_global_forward_hooks or _global_forward_pre_hooks)
-        for module, passes_on in listed[1]:
+        for module, passes_on in steps:
             if not (hooked or module._forward_hooks or module._forward_pre_hooks):
                 if passes_on:
                     continue
@@ -232,8 +234,7 @@ class DenseBlock(nn.Sequential):
 
     def extra_repr(self) -> str:
         """Says when eager CPU inference runs the block as one ``lgconv::dense_block`` call."""
-        served = not torch.jit.is_scripting() and kernels.native_loaded()
-        served = served and all(layer.native_operands() is not None for layer in self.children())
+        served = kernels.native_loaded() and all(layer.native_operands() is not None for layer in self)
         return "served by lgconv::dense_block" if served else ""
 
     @torch.jit.unused

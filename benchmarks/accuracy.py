@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py                          # every arm, 3 seeds (about 70 min, 1 thread)
     python benchmarks/accuracy.py --arms lgc,dense --seeds 1
+    python benchmarks/accuracy.py --epochs 16 --arms dense,lgc   # a longer recipe, its own JSON
     python benchmarks/accuracy.py --smoke --json /tmp/accuracy.json   # seconds: tiny data and network
     python benchmarks/accuracy_report.py                   # docs/results.md and the plot from the JSON
 
@@ -466,6 +467,15 @@ class Context:
         return model
 
 
+def learn_3x3_groups(model: CondenseNet, recipe: Recipe) -> CondenseNet:
+    """Make the dense 3x3 convs of ``model`` learned group convs (G = C = ``groups``): lgc's FLOPs."""
+    for layer in dense_layers(model):
+        layer.conv2 = lgconv.LearnedGroupConv.from_conv(
+            layer.conv2, learned_groups=recipe.groups, condense_factor=recipe.condense_factor
+        )
+    return model
+
+
 def _learned(
     context: Context,
     seed: int,
@@ -473,18 +483,31 @@ def _learned(
     desc: str,
     budget: bool = False,
     full_classifier: bool = False,
+    learned_3x3: bool = False,
     **schedule: Any,
 ) -> ArmResult:
     """The lgc network trained from scratch; ``schedule``: scheduler options changed from the paper's.
 
     ``budget``: its 1x1 layers' (G, C) re-chosen per layer by ``lgconv.condensify(target_flops=...)``
     at the uniform network's finalized FLOPs (3x3 convs and classifier as in ``lgc``).
-    ``full_classifier``: the classifier is left dense, as in the fixed-group arms."""
+    ``full_classifier``: the classifier is left dense, as in the fixed-group arms.
+    ``learned_3x3``: the 3x3 convs start dense and learn their groups too, instead of fixed groups."""
     torch.manual_seed(seed)
     recipe = context.recipe
     if full_classifier:
         recipe = dataclasses.replace(recipe, classifier_condense_factor=1)
-    model = learned_group_network(recipe)
+    if learned_3x3:
+        model = learn_3x3_groups(
+            condense_network(
+                backbone(recipe, groups=1),
+                groups=recipe.groups,
+                condense_factor=recipe.condense_factor,
+                classifier_condense_factor=recipe.classifier_condense_factor,
+            ),
+            recipe,
+        )
+    else:
+        model = learned_group_network(recipe)
     factors: dict[str, list[int]] = {}
     if budget:
         model = lgconv.condensify(model, target_flops=context.lgc_flops, input_size=IMAGE_SIZE, kxk=False)
@@ -506,6 +529,8 @@ def _learned(
     extra: dict[str, Any] = dict(schedule)
     if full_classifier:
         extra["classifier_condense_factor"] = 1
+    if learned_3x3:
+        extra["learned_3x3"] = True
     if factors:
         extra["groups_and_factors"] = factors
     if recalibrate:  # the finalized network's statistics, re-estimated once more
@@ -573,12 +598,15 @@ def run_fixed_groups_shuffle(context: Context, seed: int) -> ArmResult:
     needs=("dense",),
 )
 def run_channel_pruning(context: Context, seed: int) -> ArmResult:
+    return _channel_pruning(context, seed, context.recipe.finetune_lr)
+
+
+def _channel_pruning(context: Context, seed: int, lr: float) -> ArmResult:
+    """The trained dense network of ``seed`` pruned by channels to lgc's FLOPs, fine-tuned at ``lr``."""
     model, ratio = prune_channels(context.trained_dense(seed), context.lgc_flops)
-    recipe = context.recipe
-    training = train(
-        model, context, seed, epochs=recipe.finetune_epochs, lr=recipe.finetune_lr, desc=f"pruned {seed}"
-    )
-    return ArmResult(model, recipe.finetune_epochs, training, {"pruning_ratio": round(ratio, 4)})
+    epochs = context.recipe.finetune_epochs
+    training = train(model, context, seed, epochs=epochs, lr=lr, desc=f"pruned {seed}")
+    return ArmResult(model, epochs, training, {"pruning_ratio": round(ratio, 4), "lr": lr})
 
 
 @arm(
@@ -592,21 +620,26 @@ def run_lgc_finetune(context: Context, seed: int) -> ArmResult:
 
 
 def _finetune(
-    context: Context, seed: int, lr: float, condense_end: float, name: str, **options: str
+    context: Context,
+    seed: int,
+    lr: float,
+    condense_end: float,
+    name: str,
+    full_classifier: bool = False,
+    **options: str,
 ) -> ArmResult:
     """The trained dense network of ``seed`` condensified and fine-tuned for ``finetune_epochs``;
-    ``options``: the scheduler's ``importance`` / ``schedule`` when not the paper's."""
+    ``options``: the scheduler's ``importance`` / ``schedule`` when not the paper's;
+    ``full_classifier``: the classifier is left dense (as ``channel_pruning`` leaves it)."""
     recipe = context.recipe
+    classifier_factor = 1 if full_classifier else recipe.classifier_condense_factor
     model = condense_network(
         context.trained_dense(seed),
         groups=recipe.groups,
         condense_factor=recipe.condense_factor,
-        classifier_condense_factor=recipe.classifier_condense_factor,
+        classifier_condense_factor=classifier_factor,
     )
-    for layer in dense_layers(model):  # the dense 3x3 convs learn their groups too: lgc's FLOPs
-        layer.conv2 = lgconv.LearnedGroupConv.from_conv(
-            layer.conv2, learned_groups=recipe.groups, condense_factor=recipe.condense_factor
-        )
+    learn_3x3_groups(model, recipe)  # the dense 3x3 convs learn their groups too: lgc's FLOPs
     torch.manual_seed(seed)
     training = train(
         model,
@@ -618,7 +651,9 @@ def _finetune(
         desc=f"{name} {seed}",
         **options,
     )
-    extra = {"lr": lr, "condense_end": condense_end, **options}
+    extra: dict[str, Any] = {"lr": lr, "condense_end": condense_end, **options}
+    if full_classifier:
+        extra["classifier_condense_factor"] = 1
     return ArmResult(lgconv.finalize(model), recipe.finetune_epochs, training, extra)
 
 
@@ -859,6 +894,42 @@ def run_lgc_gradual_full_classifier(context: Context, seed: int) -> ArmResult:
     )
 
 
+@arm(
+    "lgc_gradual_learned_3x3",
+    "lgc_gradual_full_classifier with the 3x3 convs dense at first, learning their groups too (G = C = 4)",
+)
+def run_lgc_gradual_learned_3x3(context: Context, seed: int) -> ArmResult:
+    return _learned(
+        context,
+        seed,
+        recalibrate=False,
+        desc=f"lgc_gradual_learned_3x3 seed {seed}",
+        full_classifier=True,
+        learned_3x3=True,
+        schedule="gradual",
+        condense_end=0.25,
+    )
+
+
+@arm(
+    "lgc_finetune_gradual_lr01_full_classifier",
+    "lgc_finetune_gradual_lr01 with the classifier left dense (as channel_pruning leaves it)",
+    needs=("dense",),
+)
+def run_lgc_finetune_gradual_lr01_full_classifier(context: Context, seed: int) -> ArmResult:
+    name = "lgc_finetune_gradual_lr01_full_classifier"
+    return _finetune(context, seed, context.recipe.lr, 0.25, name, full_classifier=True, schedule="gradual")
+
+
+@arm(
+    "channel_pruning_lr01",
+    "channel_pruning fine-tuned at lr 0.1, the rate the lgc fine-tune arms do best at (not 0.05)",
+    needs=("dense",),
+)
+def run_channel_pruning_lr01(context: Context, seed: int) -> ArmResult:
+    return _channel_pruning(context, seed, context.recipe.lr)
+
+
 # --- the suite ----------------------------------------------------------------------------------
 def run_one(context: Context, name: str, seed: int) -> dict[str, Any]:
     """Train and evaluate one arm for one seed; the JSON row."""
@@ -939,6 +1010,13 @@ def plan_runs(
     return pending
 
 
+def default_json(smoke: bool, recipe: Recipe) -> Path:
+    """Where a recipe's results go unless ``--json`` says: one file per number of epochs."""
+    path = Path("runs/accuracy-smoke.json") if smoke else DEFAULT_JSON
+    default = SMOKE if smoke else Recipe()
+    return path if recipe.epochs == default.epochs else path.with_stem(f"{path.stem}_{recipe.epochs}_epochs")
+
+
 def summary_line(row: dict[str, Any]) -> str:
     return (
         f"{row['arm']:<22} seed {row['seed']}  test {100 * row['test_accuracy']:.2f}%  "
@@ -970,6 +1048,13 @@ def summary_line(row: dict[str, Any]) -> str:
     default=Path("runs/accuracy"),
     help="Where the dense runs' weights are kept for the arms that start from them.",
 )
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Train this many epochs instead of the recipe's (fine-tuning arms half as many): another "
+    "recipe, so its runs go to their own JSON [default: benchmarks/results/accuracy_N_epochs.json].",
+)
 @click.option("--progress/--no-progress", default=True, help="tqdm progress bars.")
 @click.option(
     "--merge",
@@ -984,22 +1069,23 @@ def cli(
     data_dir: Path,
     json_path: Path | None,
     work_dir: Path,
+    epochs: int | None,
     progress: bool,
     merge: tuple[Path, ...],
 ) -> None:
     """Train every arm for every seed (resumable) and write the results JSON."""
     recipe = SMOKE if smoke else Recipe()
+    if epochs is not None and epochs != recipe.epochs:
+        recipe = dataclasses.replace(recipe, epochs=epochs, finetune_epochs=epochs // 2)
+    path = json_path or default_json(smoke, recipe)
     if merge:
-        merge_results(
-            json_path or (Path("runs/accuracy-smoke.json") if smoke else DEFAULT_JSON), merge, recipe
-        )
+        merge_results(path, merge, recipe)
         return
     torch.set_num_threads(recipe.threads)
     chosen = list(ARMS) if arms is None else [a.strip() for a in arms.split(",") if a.strip()]
     unknown = [a for a in chosen if a not in ARMS]
     if unknown or not chosen:
         raise CliError(f"unknown arm {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(ARMS)}")
-    path = json_path or (Path("runs/accuracy-smoke.json") if smoke else DEFAULT_JSON)
     payload = load_results(path, recipe)
     context = Context(recipe, load_data(data_dir, recipe), work_dir / recipe.key(), progress)
     done = {(row["arm"], row["seed"]) for row in payload["runs"]}

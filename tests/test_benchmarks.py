@@ -155,8 +155,18 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
         "lgc_finetune_gradual_lr02",
         "lgc_finetune_budget",
         "lgc_gradual_full_classifier",
+        "lgc_gradual_learned_3x3",
+        "lgc_finetune_gradual_lr01_full_classifier",
     ):
         assert abs(runs[name]["flops"] / target - 1) <= 0.05, name
+    assert runs["lgc_gradual_learned_3x3"]["learned_3x3"] and "learned_3x3" not in runs["lgc_gradual"]
+    assert runs["lgc_gradual_learned_3x3"]["params"] == runs["lgc_gradual_full_classifier"]["params"]
+    full = runs["lgc_finetune_gradual_lr01_full_classifier"]
+    assert (
+        full["params"] > runs["lgc_finetune_gradual_lr01"]["params"]
+        and full["classifier_condense_factor"] == 1
+    )
+    assert (runs["channel_pruning_lr01"]["lr"], runs["channel_pruning"]["lr"]) == (0.1, 0.05)
     assert runs["lgc_gradual_warmup"]["condense_start"] == 0.0625
     assert runs["lgc_gradual_full_classifier"]["params"] > runs["lgc_gradual"]["params"]
     chosen = runs["lgc_finetune_budget"]["groups_and_factors"]  # per layer, 3x3 convs included
@@ -205,6 +215,21 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
     assert plot.read_bytes().startswith(b"\x89PNG")
     page.write_text("no markers")
     assert report.main(["--json", str(out), "--markdown", str(page), "--plot", str(plot)]) == 2
+
+
+def test_accuracy_more_epochs_is_another_recipe_in_its_own_json(tmp_path, fake_fashion_mnist, monkeypatch):
+    accuracy = _script("accuracy")
+    monkeypatch.chdir(tmp_path)
+    args = ["--smoke", "--seeds", "1", "--no-progress", "--data-dir", str(fake_fashion_mnist), "--arms"]
+    assert accuracy.main([*args, "dense,lgc_finetune", "--epochs", "4"]) == 0
+    longer = json.loads((tmp_path / "runs" / "accuracy-smoke_4_epochs.json").read_text())
+    assert (longer["recipe"]["epochs"], longer["recipe"]["finetune_epochs"]) == (4, 2)
+    assert [(r["arm"], r["epochs"]) for r in longer["runs"]] == [("dense", 4), ("lgc_finetune", 2)]
+    assert not (tmp_path / "runs" / "accuracy-smoke.json").exists()
+    assert accuracy.main([*args, "dense", "--epochs", "2"]) == 0  # the smoke recipe's own epochs
+    assert (tmp_path / "runs" / "accuracy-smoke.json").exists()
+    mixed = [*args, "dense", "--epochs", "4", "--json", "runs/accuracy-smoke.json"]
+    assert accuracy.main(mixed) == 2  # runs of two recipes never share a file
 
 
 def test_accuracy_missing_data_and_unknown_arm_exit_2(tmp_path, fake_fashion_mnist, capsys):

@@ -852,29 +852,32 @@ def run_lgc_finetune_gradual_lr02(context: Context, seed: int) -> ArmResult:
     needs=("dense",),
 )
 def run_lgc_finetune_budget(context: Context, seed: int) -> ArmResult:
+    return _finetune_budget(context, seed, context.recipe.lr, "lgc_finetune_budget")
+
+
+def _finetune_budget(context: Context, seed: int, lr: float, name: str) -> ArmResult:
     """The trained dense network condensified by lgconv's FLOP budget (1x1 and 3x3 convs, factors
-    1-8 per layer from the trained weights' importance), then the gradual lr 0.1 fine-tune."""
+    1-8 per layer from the trained weights' importance), then the gradual fine-tune at ``lr``."""
     recipe = context.recipe
     model = lgconv.condensify(
         context.trained_dense(seed), target_flops=context.lgc_flops, input_size=IMAGE_SIZE, kxk=True
     )
     factors = {
-        name: [layer.learned_groups, layer.condense_factor]
-        for name, layer in lgconv.scheduler.learned_group_layers(model)
+        layer_name: [layer.learned_groups, layer.condense_factor]
+        for layer_name, layer in lgconv.scheduler.learned_group_layers(model)
     }
     torch.manual_seed(seed)
-    name = "lgc_finetune_budget"
     training = train(
         model,
         context,
         seed,
         epochs=recipe.finetune_epochs,
-        lr=recipe.lr,
+        lr=lr,
         condense_end=0.25,
         schedule="gradual",
         desc=f"{name} {seed}",
     )
-    extra = {"lr": recipe.lr, "condense_end": 0.25, "schedule": "gradual", "groups_and_factors": factors}
+    extra = {"lr": lr, "condense_end": 0.25, "schedule": "gradual", "groups_and_factors": factors}
     return ArmResult(lgconv.finalize(model), recipe.finetune_epochs, training, extra)
 
 
@@ -930,6 +933,15 @@ def run_channel_pruning_lr01(context: Context, seed: int) -> ArmResult:
     return _channel_pruning(context, seed, context.recipe.lr)
 
 
+@arm(
+    "lgc_finetune_budget_lr005",
+    "lgc_finetune_budget at channel_pruning's learning rate 0.05 (not 0.1)",
+    needs=("dense",),
+)
+def run_lgc_finetune_budget_lr005(context: Context, seed: int) -> ArmResult:
+    return _finetune_budget(context, seed, context.recipe.finetune_lr, "lgc_finetune_budget_lr005")
+
+
 # --- the suite ----------------------------------------------------------------------------------
 def run_one(context: Context, name: str, seed: int) -> dict[str, Any]:
     """Train and evaluate one arm for one seed; the JSON row."""
@@ -981,7 +993,8 @@ def load_results(path: Path, recipe: Recipe) -> dict[str, Any]:
 
 
 def merge_results(path: Path, sources: tuple[Path, ...], recipe: Recipe) -> None:
-    """Append the runs of ``sources`` (same recipe) that ``path`` lacks, in their order."""
+    """Add the runs of ``sources`` (same recipe) that ``path`` lacks, then keep the file in the
+    suite's order (arms as registered, then seeds), however the runs were split between processes."""
     payload = load_results(path, recipe)
     done = {(row["arm"], row["seed"]) for row in payload["runs"]}
     added = 0
@@ -991,6 +1004,8 @@ def merge_results(path: Path, sources: tuple[Path, ...], recipe: Recipe) -> None
                 payload["runs"].append(row)
                 done.add((row["arm"], row["seed"]))
                 added += 1
+    rank = {name: index for index, name in enumerate(ARMS)}
+    payload["runs"].sort(key=lambda row: (rank.get(row["arm"], len(rank)), row["seed"]))
     write_results(path, payload)
     click.echo(f"merged {added} runs into {path} ({len(payload['runs'])} in all)")
 

@@ -316,8 +316,10 @@ def cli(json_path: Path, markdown: Path, plot_path: Path) -> None:
     if BEGIN not in text or END not in text:
         raise CliError(f"{markdown} lacks the {BEGIN} ... {END} markers that say where the report goes")
     image = os.path.relpath(plot_path, markdown.parent)
+    recipe = payload["recipe"]
     title = (
-        f"{payload['recipe']['model']}\non Fashion-MNIST ({payload['recipe']['train_images']:,} train images)"
+        f"{recipe['model']}\non Fashion-MNIST ({recipe['train_images']:,} train images, "
+        f"{recipe['epochs']} epochs)"
     )
     plot(by_arm(payload["runs"]), plot_path, title)
     head, rest = text.split(BEGIN, 1)

@@ -157,6 +157,7 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
         "lgc_gradual_full_classifier",
         "lgc_gradual_learned_3x3",
         "lgc_finetune_gradual_lr01_full_classifier",
+        "lgc_finetune_budget_lr005",
     ):
         assert abs(runs[name]["flops"] / target - 1) <= 0.05, name
     assert runs["lgc_gradual_learned_3x3"]["learned_3x3"] and "learned_3x3" not in runs["lgc_gradual"]
@@ -167,6 +168,7 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
         and full["classifier_condense_factor"] == 1
     )
     assert (runs["channel_pruning_lr01"]["lr"], runs["channel_pruning"]["lr"]) == (0.1, 0.05)
+    assert (runs["lgc_finetune_budget_lr005"]["lr"], runs["lgc_finetune_budget"]["lr"]) == (0.05, 0.1)
     assert runs["lgc_gradual_warmup"]["condense_start"] == 0.0625
     assert runs["lgc_gradual_full_classifier"]["params"] > runs["lgc_gradual"]["params"]
     chosen = runs["lgc_finetune_budget"]["groups_and_factors"]  # per layer, 3x3 convs included
@@ -192,7 +194,9 @@ def test_accuracy_smoke_runs_every_arm_at_the_stated_flops_and_resumes(tmp_path,
     capsys.readouterr()
     assert accuracy.main(["--smoke", "--json", str(out), "--merge", str(again)]) == 0  # only seed 1 is new
     assert "merged 1 runs" in capsys.readouterr().out
-    assert [(r["arm"], r["seed"]) for r in json.loads(out.read_text())["runs"]][-1] == ("lgc", 1)
+    merged = [(r["arm"], r["seed"]) for r in json.loads(out.read_text())["runs"]]
+    assert merged == sorted(merged, key=lambda run: (list(accuracy.ARMS).index(run[0]), run[1]))
+    assert merged[:2] == [("lgc", 0), ("lgc", 1)]  # in the suite's order, not appended
 
     report = _script("accuracy_report")
     page = tmp_path / "results.md"

@@ -107,9 +107,10 @@ def machine() -> dict[str, Any]:
 
 def machine_line(description: Mapping[str, Any]) -> str:
     gpu = f", GPU {description['gpu']}" if "gpu" in description else ""
+    threads = description["torch_threads"]
     return (
         f"{description['cpu']}, {description['cores']} cores, torch {description['torch']} with "
-        f"{description['torch_threads']} threads, load average {description['load_average']} "
+        f"{threads} thread{'' if threads == 1 else 's'}, load average {description['load_average']} "
         f"at {description['time_utc']}{gpu}"
     )
 

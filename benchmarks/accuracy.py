@@ -1093,10 +1093,10 @@ def cli(
     if epochs is not None and epochs != recipe.epochs:
         recipe = dataclasses.replace(recipe, epochs=epochs, finetune_epochs=epochs // 2)
     path = json_path or default_json(smoke, recipe)
+    torch.set_num_threads(recipe.threads)  # before a new file records the machine, merging too
     if merge:
         merge_results(path, merge, recipe)
         return
-    torch.set_num_threads(recipe.threads)
     chosen = list(ARMS) if arms is None else [a.strip() for a in arms.split(",") if a.strip()]
     unknown = [a for a in chosen if a not in ARMS]
     if unknown or not chosen:

@@ -1,6 +1,7 @@
 """Tables, target checks and the accuracy-vs-FLOPs plot of docs/results.md, from accuracy.json.
 
     python benchmarks/accuracy_report.py          # rewrites the generated part of docs/results.md
+    python benchmarks/accuracy_report.py --epochs 16   # the same for the 16-epoch recipe's JSON and page
 
 Only the text between the ``accuracy-report`` markers of the markdown file is replaced, so the
 hand-written discussion around it stays.
@@ -116,6 +117,13 @@ def targets(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
         ratio = groups["lgc_finetune"][0]["epochs"] / groups["lgc"][0]["epochs"]
         lines.append(f"- `lgc_finetune` epochs: {ratio:.2f}x those of `lgc` (at most 0.5 asked)")
     for name in groups:
+        if name.startswith("channel_pruning_"):  # the baseline tuned too: is it the strongest?
+            difference = statistics.mean(paired(groups, name, "channel_pruning"))
+            count = len(groups[name])
+            lines.append(
+                f"- baseline variant `{name}` ({count} seeds): {statistics.mean(points(groups[name])):.2f}% "
+                f"({difference:+.2f} vs `channel_pruning` on the same seeds)"
+            )
         if not name.startswith("lgc_") or name == "lgc_finetune" or "lgc" not in groups:
             continue
         lines.append(variant_line(groups, name))
@@ -291,22 +299,37 @@ def report(payload: dict[str, Any], image: str, source: str) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option(
+    "--epochs",
+    type=click.IntRange(min=2),
+    default=None,
+    help="The report of `accuracy.py --epochs N`: its JSON, docs/results_N_epochs.md and its plot.",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=ROOT / "benchmarks" / "results" / "accuracy.json",
+    default=None,
+    help="[default: benchmarks/results/accuracy.json]",
 )
 @click.option(
-    "--markdown", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "docs" / "results.md"
+    "--markdown",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="[default: docs/results.md]",
 )
 @click.option(
     "--plot",
     "plot_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=ROOT / "docs" / "img" / "accuracy_vs_flops.png",
+    default=None,
+    help="[default: docs/img/accuracy_vs_flops.png]",
 )
-def cli(json_path: Path, markdown: Path, plot_path: Path) -> None:
+def cli(epochs: int | None, json_path: Path | None, markdown: Path | None, plot_path: Path | None) -> None:
     """Rewrite the generated block of MARKDOWN and the plot from the results JSON."""
+    suffix = "" if epochs is None else f"_{epochs}_epochs"
+    json_path = json_path or ROOT / "benchmarks" / "results" / f"accuracy{suffix}.json"
+    markdown = markdown or ROOT / "docs" / f"results{suffix}.md"
+    plot_path = plot_path or ROOT / "docs" / "img" / f"accuracy_vs_flops{suffix}.png"
     if not json_path.exists():
         raise CliError(f"no results at {json_path}; run benchmarks/accuracy.py first")
     payload = json.loads(json_path.read_text())

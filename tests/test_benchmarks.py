@@ -235,6 +235,23 @@ def test_accuracy_more_epochs_is_another_recipe_in_its_own_json(tmp_path, fake_f
     mixed = [*args, "dense", "--epochs", "4", "--json", "runs/accuracy-smoke.json"]
     assert accuracy.main(mixed) == 2  # runs of two recipes never share a file
 
+    report = _script("accuracy_report")  # its --epochs finds that recipe's JSON, page and plot
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "runs" / "accuracy-smoke_4_epochs.json").rename(
+        tmp_path / "benchmarks/results/accuracy_4_epochs.json"
+    )
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results_4_epochs.md").write_text(
+        "<!-- accuracy-report:begin -->\n<!-- accuracy-report:end -->\n"
+    )
+    assert report.main(["--epochs", "4"]) == 0
+    page = (tmp_path / "docs" / "results_4_epochs.md").read_text()
+    assert (
+        "from `benchmarks/results/accuracy_4_epochs.json`" in page and "4 epochs (fine-tuning arms 2)" in page
+    )
+    assert (tmp_path / "docs" / "img" / "accuracy_vs_flops_4_epochs.png").read_bytes().startswith(b"\x89PNG")
+
 
 def test_accuracy_missing_data_and_unknown_arm_exit_2(tmp_path, fake_fashion_mnist, capsys):
     accuracy = _script("accuracy")

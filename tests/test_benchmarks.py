@@ -253,6 +253,26 @@ def test_accuracy_more_epochs_is_another_recipe_in_its_own_json(tmp_path, fake_f
     assert (tmp_path / "docs" / "img" / "accuracy_vs_flops_4_epochs.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_accuracy_report_without_the_paper_arm_checks_what_ran():
+    report = _script("accuracy_report")  # e.g. a longer recipe run for two arms only
+    scores = {"dense": (0.88, 0.881, 0.879), "lgc_gradual_full_classifier": (0.874, 0.868, 0.866)}
+    runs = [
+        {"arm": arm, "seed": seed, "test_accuracy": a}
+        for arm, row in scores.items()
+        for seed, a in enumerate(row)
+    ]
+    groups = report.by_arm(runs)
+    rows = [line for line in report.best_table(groups).splitlines() if line.startswith("| learned")]
+    assert len(rows) == 1 and rows[0].startswith("| learned groups within 1.0 of `dense` | not run |")
+    assert (
+        "`lgc_gradual_full_classifier` 86.93" in rows[0]
+        and "-1.07, 1 of 3 seeds | missed by 0.07 |" in rows[0]
+    )
+    variant = report.targets(groups)[-1]
+    assert variant.startswith("- variant `lgc_gradual_full_classifier` (3 seeds): 86.93%")
+    assert "within 1.0 of `dense`: missed" in variant
+
+
 def test_accuracy_missing_data_and_unknown_arm_exit_2(tmp_path, fake_fashion_mnist, capsys):
     accuracy = _script("accuracy")
     common = ["--smoke", "--json", str(tmp_path / "a.json"), "--work-dir", str(tmp_path / "w")]

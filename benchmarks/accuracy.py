@@ -195,18 +195,29 @@ def backbone(recipe: Recipe, *, groups: int, growth: tuple[int, ...] | None = No
     )
 
 
-def learned_group_network(recipe: Recipe) -> CondenseNet:
-    """CondenseNet: learned group 1x1 convolutions (G = C), grouped 3x3, condensed classifier."""
-    return condense_network(
-        backbone(recipe, groups=recipe.groups),
+def learned_group_network(recipe: Recipe, learned_3x3: bool = False) -> CondenseNet:
+    """CondenseNet: learned group 1x1 convolutions (G = C), grouped 3x3, condensed classifier;
+    ``learned_3x3``: the 3x3 convs start dense and learn their groups too, instead of fixed groups."""
+    model = condense_network(
+        backbone(recipe, groups=1 if learned_3x3 else recipe.groups),
         groups=recipe.groups,
         condense_factor=recipe.condense_factor,
         classifier_condense_factor=recipe.classifier_condense_factor,
     )
+    return learn_3x3_groups(model, recipe) if learned_3x3 else model
 
 
 def dense_layers(model: nn.Module) -> Iterator[nn.Module]:
     return (m for m in model.modules() if type(m).__name__ == "DenseLayer")
+
+
+def learn_3x3_groups(model: CondenseNet, recipe: Recipe) -> CondenseNet:
+    """Make the dense 3x3 convs of ``model`` learned group convs (G = C = ``groups``): lgc's FLOPs."""
+    for layer in dense_layers(model):
+        layer.conv2 = lgconv.LearnedGroupConv.from_conv(
+            layer.conv2, learned_groups=recipe.groups, condense_factor=recipe.condense_factor
+        )
+    return model
 
 
 def flops(model: nn.Module) -> int:
@@ -467,13 +478,12 @@ class Context:
         return model
 
 
-def learn_3x3_groups(model: CondenseNet, recipe: Recipe) -> CondenseNet:
-    """Make the dense 3x3 convs of ``model`` learned group convs (G = C = ``groups``): lgc's FLOPs."""
-    for layer in dense_layers(model):
-        layer.conv2 = lgconv.LearnedGroupConv.from_conv(
-            layer.conv2, learned_groups=recipe.groups, condense_factor=recipe.condense_factor
-        )
-    return model
+def groups_and_factors(model: nn.Module) -> dict[str, list[int]]:
+    """Each learned group layer's (G, C), by name: what a FLOP budget chose, for the JSON."""
+    return {
+        name: [layer.learned_groups, layer.condense_factor]
+        for name, layer in lgconv.scheduler.learned_group_layers(model)
+    }
 
 
 def _learned(
@@ -496,25 +506,11 @@ def _learned(
     recipe = context.recipe
     if full_classifier:
         recipe = dataclasses.replace(recipe, classifier_condense_factor=1)
-    if learned_3x3:
-        model = learn_3x3_groups(
-            condense_network(
-                backbone(recipe, groups=1),
-                groups=recipe.groups,
-                condense_factor=recipe.condense_factor,
-                classifier_condense_factor=recipe.classifier_condense_factor,
-            ),
-            recipe,
-        )
-    else:
-        model = learned_group_network(recipe)
+    model = learned_group_network(recipe, learned_3x3)
     factors: dict[str, list[int]] = {}
     if budget:
         model = lgconv.condensify(model, target_flops=context.lgc_flops, input_size=IMAGE_SIZE, kxk=False)
-        factors = {
-            name: [layer.learned_groups, layer.condense_factor]
-            for name, layer in lgconv.scheduler.learned_group_layers(model)
-        }
+        factors = groups_and_factors(model)
     training = train(
         model,
         context,
@@ -862,10 +858,7 @@ def _finetune_budget(context: Context, seed: int, lr: float, name: str) -> ArmRe
     model = lgconv.condensify(
         context.trained_dense(seed), target_flops=context.lgc_flops, input_size=IMAGE_SIZE, kxk=True
     )
-    factors = {
-        layer_name: [layer.learned_groups, layer.condense_factor]
-        for layer_name, layer in lgconv.scheduler.learned_group_layers(model)
-    }
+    factors = groups_and_factors(model)
     torch.manual_seed(seed)
     training = train(
         model,
